@@ -113,6 +113,30 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "short": {},
+    "medium": {
+        # medium model
+        # end medium model
+        # medium optimisers
+        # end medium optimisers
+        # medium schedules
+        # end medium schedules
+    },
+    "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
+        # cpu model
+        # end cpu model
+        # cpu optimisers
+        # end cpu optimisers
+        # cpu schedules
+        # end cpu schedules
+    },
+    "test": {  # the smallest model of the same architecture, for the test suite
+        # test model
+        # end test model
+        # test optimisers
+        # end test optimisers
+        # test schedules
+        # end test schedules
+    },
 }
 
 
