@@ -57,6 +57,7 @@ class Config:
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     bos_id: int = 50256
     max_seq_len: int = 2048
+    repeat_data: bool = False  # start the train shards again when they run out (small samples)
     # Every step's global batch is cut into this many BOS-aligned slices; each
     # rank takes slices/world_size of them as gradient-accumulation micro-steps,
     # so 1, 2, 4 or 8 ranks see exactly the same data.
@@ -288,9 +289,9 @@ class DocumentStream:
     only the slices a rank owns are materialised as tensors.
     """
 
-    def __init__(self, files: list[str], bos_id: int):
-        self.files, self.bos_id = files, bos_id
-        self.shard_index, self.doc_index = 0, 0
+    def __init__(self, files: list[str], bos_id: int, repeat: bool = False):
+        self.files, self.bos_id, self.repeat = files, bos_id, repeat
+        self.shard_index, self.doc_index, self.epoch = 0, 0, 0
         self._open(0)
 
     def _open(self, shard_index: int) -> None:
@@ -299,19 +300,26 @@ class DocumentStream:
         self.shard_index = shard_index
 
     def state(self) -> dict:
-        return {"shard_index": self.shard_index, "doc_index": self.doc_index}
+        return {"shard_index": self.shard_index, "doc_index": self.doc_index, "epoch": self.epoch}
 
     def load_state(self, state: dict) -> None:
         self._open(state["shard_index"])
-        self.doc_index = state["doc_index"]
+        self.doc_index, self.epoch = state["doc_index"], state["epoch"]
 
     def next_sequence(self, max_len: int) -> np.ndarray:
         """The next document, cut to max_len tokens; moves to the next shard when needed."""
+        shards_opened = 0
         while self.doc_index >= len(self.doc_starts):
-            if self.shard_index + 1 >= len(self.files):
-                raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
-                                "(download more shards or train for fewer steps)")
-            self._open(self.shard_index + 1)
+            next_shard = self.shard_index + 1
+            if next_shard >= len(self.files):
+                if not self.repeat:
+                    raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
+                                    "(download more shards, train for fewer steps, or set --repeat-data true)")
+                next_shard, self.epoch = 0, self.epoch + 1
+            shards_opened += 1
+            if shards_opened > len(self.files):
+                raise DataError(f"no document start (token {self.bos_id}) in any train shard: {self.files}")
+            self._open(next_shard)
             self.doc_index = 0
         start = int(self.doc_starts[self.doc_index])
         end = int(self.doc_starts[self.doc_index + 1]) if self.doc_index + 1 < len(self.doc_starts) else len(self.tokens)
@@ -337,10 +345,10 @@ class TrainLoader:
     """
 
     def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int,
-                 bos_id: int, device="cpu"):
+                 bos_id: int, repeat: bool = False, device="cpu"):
         if slices % world_size:
             raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
-        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id)
+        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat)
         self.rank, self.world_size, self.slices = rank, world_size, slices
         self.max_seq_len, self.device = max_seq_len, device
 

@@ -1,0 +1,257 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO
+
+BOS = 50256
+
+
+def make_docs(rng, num_docs, min_len=2, max_len=60):
+    """Concatenated documents, each starting with BOS, tokens drawn below BOS."""
+    docs = [np.concatenate([[BOS], rng.integers(0, 1000, size=rng.integers(min_len, max_len) - 1)])
+            for _ in range(num_docs)]
+    return np.concatenate(docs).astype(np.uint16)
+
+
+def write_train_shards(tmp_path, rng, num_shards=2, docs_per_shard=200, **kw):
+    for i in range(1, num_shards + 1):
+        tg.write_shard(str(tmp_path / f"t_train_{i:06d}.bin"), make_docs(rng, docs_per_shard, **kw))
+    return str(tmp_path / "t_train_*.bin")
+
+
+def sequences_of(mb):
+    cu = mb.cu_seqlens.tolist()
+    return [mb.inputs[a:b] for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+
+# --- shard format ---------------------------------------------------------------
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([BOS, 1, 2, 65535, 0, 7], dtype=np.uint16)
+    path = str(tmp_path / "x.bin")
+    tg.write_shard(path, tokens)
+    assert os.path.getsize(path) == 1024 + 2 * len(tokens)
+    header = np.fromfile(path, dtype="<i4", count=3)
+    assert header.tolist() == [20240520, 1, len(tokens)]
+    np.testing.assert_array_equal(tg.load_shard(path), tokens)
+
+
+def _write_raw(path, magic=20240520, version=1, count=4, payload_tokens=4):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, count
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.zeros(payload_tokens, dtype="<u2").tobytes())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(magic=123), "bad magic number 123"),
+    (dict(version=2), "unsupported shard version 2"),
+    (dict(count=10), "header says 10 tokens"),
+    (dict(payload_tokens=9), "header says 4 tokens"),
+])
+def test_malformed_shard_errors_name_file_and_fault(tmp_path, kwargs, message):
+    path = str(tmp_path / "bad.bin")
+    _write_raw(path, **kwargs)
+    with pytest.raises(tg.DataError) as err:
+        tg.load_shard(path)
+    text = str(err.value)
+    assert path in text and message in text and "\n" not in text
+
+
+def test_short_and_unreadable_shards(tmp_path):
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\x00" * 100)
+    with pytest.raises(tg.DataError, match="shorter than its 1024-byte header"):
+        tg.read_shard_header(str(short))
+    with pytest.raises(tg.DataError, match="cannot read shard"):
+        tg.read_shard_header(str(tmp_path / "missing.bin"))
+    os.mkdir(tmp_path / "dir.bin")
+    with pytest.raises(tg.DataError, match="dir.bin"):
+        tg.read_shard_header(str(tmp_path / "dir.bin"))
+
+
+def test_empty_glob_and_bad_shard_fail_before_training(tmp_path):
+    with pytest.raises(tg.DataError, match="no train files match"):
+        tg.TrainLoader(str(tmp_path / "*.bin"), 0, 1, slices=1, max_seq_len=16, bos_id=BOS)
+    rng = np.random.default_rng(0)
+    pattern = write_train_shards(tmp_path, rng)
+    _write_raw(str(tmp_path / "t_train_000003.bin"), magic=7)
+    with pytest.raises(tg.DataError, match="t_train_000003.bin: bad magic"):
+        tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=16, bos_id=BOS)
+
+
+# --- tokeniser ----------------------------------------------------------------
+
+def test_tokenize_text_matches_tiktoken_with_bos(tmp_path):
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("Hello world.\n\nSecond paragraph here.\n", encoding="utf-8")
+    b.write_text("Ünïcödé text — with dashes.", encoding="utf-8")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(REPO, "data", "tokenize_text.py"), "--out", str(out),
+                    "--name", "demo", "--val-tokens", "3", str(a), str(b)], check=True, capture_output=True)
+    expected = [BOS] + enc.encode_ordinary(a.read_text()) + [BOS] + enc.encode_ordinary(b.read_text())
+    val = tg.load_shard(str(out / "demo_val_000000.bin")).tolist()
+    train = tg.load_shard(str(out / "demo_train_000001.bin")).tolist()
+    assert val == expected[:3] and train == expected[3:]
+    assert not (out / "demo_train_000002.bin").exists()
+
+
+def test_tokenize_text_split_paragraphs(tmp_path):
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    a = tmp_path / "a.txt"
+    a.write_text("First para.\n\n\nSecond para.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(REPO, "data", "tokenize_text.py"), "--out", str(out),
+                    "--name", "p", "--val-tokens", "1", "--split-paragraphs", str(a)], check=True,
+                   capture_output=True)
+    tokens = tg.load_shard(str(out / "p_val_000000.bin")).tolist() + tg.load_shard(str(out / "p_train_000001.bin")).tolist()
+    assert tokens == [BOS] + enc.encode_ordinary("First para.") + [BOS] + enc.encode_ordinary("Second para.")
+
+
+def test_shipped_sample_is_valid():
+    for path in [os.path.join(REPO, "data", "sample", "tinyshakespeare_val_000000.bin"),
+                 os.path.join(REPO, "data", "sample", "tinyshakespeare_train_000001.bin")]:
+        tokens = np.asarray(tg.load_shard(path))
+        assert len(tokens) > 30_000 and (tokens == BOS).sum() > 500
+
+
+# --- training loader --------------------------------------------------------------
+
+def test_sequences_bos_aligned_bounded_and_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    pattern = write_train_shards(tmp_path, rng, max_len=80)
+    loader = tg.TrainLoader(pattern, 0, 1, slices=4, max_seq_len=32, bos_id=BOS)
+    for batch_tokens in (256, 512, 128):  # the batch size may change between steps
+        micro = loader.next_step(batch_tokens)
+        assert len(micro) == 4
+        for mb in micro:
+            assert mb.inputs.shape == mb.targets.shape == (batch_tokens // 4,)
+            torch.testing.assert_close(mb.inputs[1:], mb.targets[:-1])
+            seqs = sequences_of(mb)
+            assert all(s[0] == BOS for s in seqs)
+            assert max(len(s) for s in seqs) <= 32 and mb.max_seqlen == max(len(s) for s in seqs)
+            assert mb.cu_seqlens.dtype == torch.int32 and mb.cu_seqlens[-1] == batch_tokens // 4
+
+
+def test_ranks_disjoint_and_cover_single_rank_data(tmp_path):
+    rng = np.random.default_rng(2)
+    pattern = write_train_shards(tmp_path, rng)
+    single = tg.TrainLoader(pattern, 0, 1, slices=4, max_seq_len=48, bos_id=BOS)
+    ranks = [tg.TrainLoader(pattern, r, 2, slices=4, max_seq_len=48, bos_id=BOS) for r in range(2)]
+    for batch_tokens in (512, 1024):
+        one = single.next_step(batch_tokens)
+        two = [loader.next_step(batch_tokens) for loader in ranks]
+        assert all(len(m) == 2 for m in two)  # 2 accumulation micro-steps per rank
+        # slice i belongs to rank i % 2; together the ranks hold exactly the single rank's slices
+        for i, mb in enumerate(one):
+            other = two[i % 2][i // 2]
+            torch.testing.assert_close(mb.inputs, other.inputs)
+            torch.testing.assert_close(mb.cu_seqlens, other.cu_seqlens)
+        # disjoint: no document start is shared between the two ranks' slices
+        assert not torch.equal(two[0][0].inputs, two[1][0].inputs)
+
+
+def test_slices_follow_the_token_stream_and_roll_over_shards(tmp_path):
+    rng = np.random.default_rng(3)
+    pattern = write_train_shards(tmp_path, rng, num_shards=3, docs_per_shard=10, max_len=20)
+    stream = np.concatenate([tg.load_shard(str(p)) for p in sorted(tmp_path.glob("t_train_*.bin"))])
+    doc_starts = np.flatnonzero(stream == BOS)
+    loader = tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=12, bos_id=BOS)
+    next_doc = 0
+    for _ in range(4):
+        mb = loader.next_step(40)[0]
+        buf = torch.cat([mb.inputs, mb.targets[-1:]]).numpy()
+        cu = mb.cu_seqlens.tolist()
+        cu[-1] += 1  # the last sequence also holds the final target token
+        for a, b in zip(cu[:-1], cu[1:]):
+            if b == a:
+                continue
+            start = doc_starts[next_doc]  # each sequence is the next document, cut at 12 tokens
+            np.testing.assert_array_equal(buf[a:b], stream[start:start + (b - a)])
+            next_doc += 1
+    assert loader.stream.shard_index >= 1  # 164 tokens of ~10-token documents run past the first shard
+
+
+def test_exhaustion_is_clear_and_repeat_cycles(tmp_path):
+    rng = np.random.default_rng(4)
+    pattern = write_train_shards(tmp_path, rng, num_shards=1, docs_per_shard=5, max_len=10)
+    loader = tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=64, bos_id=BOS)
+    with pytest.raises(tg.DataError, match="training data exhausted"):
+        for _ in range(100):
+            loader.next_step(16)
+    looping = tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=64, bos_id=BOS, repeat=True)
+    for _ in range(20):
+        looping.next_step(16)
+    assert looping.stream.epoch >= 1
+
+
+def test_no_bos_anywhere_is_an_error_not_a_hang(tmp_path):
+    tg.write_shard(str(tmp_path / "n_train_000001.bin"), np.ones(100, dtype=np.uint16))
+    loader = tg.TrainLoader(str(tmp_path / "n_train_*.bin"), 0, 1, slices=1, max_seq_len=64, bos_id=BOS, repeat=True)
+    with pytest.raises(tg.DataError, match="no document start"):
+        loader.next_step(16)
+
+
+def test_loader_state_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(5)
+    pattern = write_train_shards(tmp_path, rng, num_shards=2, docs_per_shard=30)
+    a = tg.TrainLoader(pattern, 0, 1, slices=2, max_seq_len=40, bos_id=BOS)
+    a.next_step(128)
+    state = a.state_dict()
+    expected = [mb.inputs for mb in a.next_step(256)]
+    b = tg.TrainLoader(pattern, 0, 1, slices=2, max_seq_len=40, bos_id=BOS)
+    b.load_state_dict(state)
+    for x, y in zip(expected, [mb.inputs for mb in b.next_step(256)]):
+        torch.testing.assert_close(x, y)
+
+
+def test_indivisible_batch_is_refused(tmp_path):
+    pattern = write_train_shards(tmp_path, np.random.default_rng(6))
+    with pytest.raises(tg.DataError, match="not divisible by world size 3"):
+        tg.TrainLoader(pattern, 0, 3, slices=8, max_seq_len=16, bos_id=BOS)
+    loader = tg.TrainLoader(pattern, 0, 1, slices=8, max_seq_len=16, bos_id=BOS)
+    with pytest.raises(tg.DataError, match="not divisible into 8 slices"):
+        loader.next_step(100)
+
+
+def test_synthetic_loader_shapes_and_world_size_invariance():
+    one = tg.SyntheticLoader(0, 1, slices=4, max_seq_len=512, bos_id=BOS, vocab_size=50257, seed=3)
+    two = [tg.SyntheticLoader(r, 2, slices=4, max_seq_len=512, bos_id=BOS, vocab_size=50257, seed=3) for r in range(2)]
+    full = one.next_step(4096)
+    halves = [loader.next_step(4096) for loader in two]
+    for i, mb in enumerate(full):
+        torch.testing.assert_close(mb.inputs, halves[i % 2][i // 2].inputs)
+        assert all(s[0] == BOS for s in sequences_of(mb)) and mb.max_seqlen <= 512
+
+
+# --- validation -------------------------------------------------------------------
+
+def test_validation_reads_sequentially_split_by_rank(tmp_path):
+    tokens = make_docs(np.random.default_rng(7), 100)
+    tg.write_shard(str(tmp_path / "v_val_000000.bin"), tokens)
+    pattern = str(tmp_path / "v_val_*.bin")
+    kw = dict(val_tokens=256, batch_tokens=128, bos_id=BOS)
+    per_rank = [list(tg.validation_batches(pattern, r, 2, **kw)) for r in range(2)]
+    assert all(len(batches) == 2 for batches in per_rank)
+    read = [per_rank[r][step].inputs for step in range(2) for r in range(2)]
+    np.testing.assert_array_equal(torch.cat(read).numpy(), tokens[:256])
+    for batches in per_rank:
+        for mb in batches:
+            cu = mb.cu_seqlens.tolist()
+            starts = [i for i in range(1, 64) if mb.inputs[i] == BOS]
+            assert cu[1:-1] == starts and cu[-1] == 64
+
+
+def test_validation_needs_enough_tokens(tmp_path):
+    tg.write_shard(str(tmp_path / "v_val_000000.bin"), make_docs(np.random.default_rng(8), 3))
+    with pytest.raises(tg.DataError, match="need val_tokens"):
+        list(tg.validation_batches(str(tmp_path / "v_val_*.bin"), 0, 1, val_tokens=4096, batch_tokens=1024, bos_id=BOS))
