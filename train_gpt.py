@@ -19,12 +19,20 @@ Importing this file never starts training.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import datetime
 import glob
+import hashlib
 import json
 import math
 import os
+import platform
+import shlex
+import shutil
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -107,7 +115,7 @@ class Config:
     log_every: int = 1
     checkpoint_every: int = 0  # 0: never
     checkpoint_dir: str = "checkpoints"
-    resume: str = ""
+    resume: str = ""  # a checkpoint directory written by --checkpoint-every
     warmup_steps: int = 10  # untimed compile/warm-up steps, state restored afterwards
     dist_timeout_s: int = 300
 
@@ -120,6 +128,13 @@ PRESETS: dict[str, dict] = {
         # medium optimisers
         # end medium optimisers
         # medium schedules
+        "target_val_loss": 2.92, "max_seq_len": 65_536, "batch_slices": 8,
+        "num_iterations": 5590, "extension_iterations": 0,
+        "batch_tokens_stages": (524_288,), "batch_tokens_extension": 524_288,
+        "window_schedule": "cubic", "window_cubic_max_tokens": 3456, "long_window_blocks_final_val": 27,
+        "lr_stage_multipliers": (1.0,), "cooldown_frac": 0.7, "lr_min_frac": 0.01,
+        "momentum_warmup_steps": 300, "momentum_cooldown_steps": 0, "adam_every": 1, "scalar_pause_steps": 0,
+        "val_every": 125,
         # end medium schedules
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
@@ -128,6 +143,13 @@ PRESETS: dict[str, dict] = {
         # cpu optimisers
         # end cpu optimisers
         # cpu schedules
+        "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
+        "repeat_data": True, "target_val_loss": 5.0, "max_seq_len": 512, "batch_slices": 2,
+        "num_iterations": 300, "extension_iterations": 10,
+        "batch_tokens_stages": (2048, 4096, 6144), "batch_tokens_extension": 6144,
+        "long_window_blocks_stages": (1, 2, 3), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 4,
+        "momentum_warmup_steps": 50, "momentum_cooldown_steps": 10, "scalar_pause_steps": 10,
+        "val_tokens": 32_768, "val_batch_tokens": 8192, "val_every": 50, "warmup_steps": 0,
         # end cpu schedules
     },
     "test": {  # the smallest model of the same architecture, for the test suite
@@ -136,6 +158,13 @@ PRESETS: dict[str, dict] = {
         # test optimisers
         # end test optimisers
         # test schedules
+        "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
+        "repeat_data": True, "max_seq_len": 128, "batch_slices": 2,
+        "num_iterations": 12, "extension_iterations": 2,
+        "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
+        "long_window_blocks_stages": (1, 1, 2), "long_window_blocks_extension": 2, "long_window_blocks_final_val": 3,
+        "momentum_warmup_steps": 4, "momentum_cooldown_steps": 2, "scalar_pause_steps": 2,
+        "val_tokens": 2048, "val_batch_tokens": 1024, "val_every": 5, "warmup_steps": 0,
         # end test schedules
     },
 }
@@ -451,16 +480,207 @@ def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: 
 # =============================================================================
 # 6. Schedules
 # =============================================================================
+# x = step / num_iterations. Batch size and window change in equal parts ("stages")
+# of the scheduled steps; the extension steps after num_iterations run at the final
+# batch size with a longer window and the minimum lr.
+
+
+def total_steps(cfg: Config) -> int:
+    return cfg.num_iterations + cfg.extension_iterations
+
+
+def stage_index(step: int, cfg: Config) -> int:
+    """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
+    stages = len(cfg.batch_tokens_stages)
+    return min(stages * step // cfg.num_iterations, stages)
+
+
+def batch_tokens_at(step: int, cfg: Config) -> int:
+    i = stage_index(step, cfg)
+    return cfg.batch_tokens_stages[i] if i < len(cfg.batch_tokens_stages) else cfg.batch_tokens_extension
+
+
+def long_window_at(step: int, cfg: Config) -> int:
+    """Long attention window in tokens (short windows are half of it)."""
+    if cfg.window_schedule == "cubic":  # medium track: grows smoothly, flattens, then rises again
+        x = min(step / cfg.num_iterations, 1.0)
+        tokens = cfg.window_cubic_max_tokens * (4 * x**3 - 6 * x**2 + 3 * x)
+        return max(cfg.window_block, cfg.window_block * math.ceil(tokens / cfg.window_block))
+    i = stage_index(step, cfg)
+    stages = cfg.long_window_blocks_stages
+    blocks = stages[min(i, len(stages) - 1)] if i < len(cfg.batch_tokens_stages) else cfg.long_window_blocks_extension
+    return blocks * cfg.window_block
+
+
+def lr_multiplier_at(step: int, cfg: Config) -> float:
+    """Stage multiplier held flat, then a linear cooldown towards lr_min_frac over the last cooldown_frac."""
+    x = step / cfg.num_iterations
+    if x >= 1.0:
+        return cfg.lr_min_frac
+    stage_lrs = cfg.lr_stage_multipliers
+    lr_max = stage_lrs[min(stage_index(step, cfg), len(stage_lrs) - 1)]
+    if x < 1.0 - cfg.cooldown_frac:
+        return lr_max
+    w = (1.0 - x) / cfg.cooldown_frac
+    return lr_max * w + cfg.lr_min_frac * (1.0 - w)
+
+
+def muon_momentum_at(step: int, cfg: Config) -> float:
+    """Warm up from momentum_min to momentum_max, cool back down over the last scheduled steps."""
+    lo, hi = cfg.momentum_min, cfg.momentum_max
+    if cfg.momentum_warmup_steps > 0:
+        warm = min(step / cfg.momentum_warmup_steps, 1.0)
+        momentum = lo + (hi - lo) * warm
+    else:
+        momentum = hi
+    cool_start = cfg.num_iterations - cfg.momentum_cooldown_steps
+    if cfg.momentum_cooldown_steps > 0 and step >= cool_start:
+        cool = min((step - cool_start) / cfg.momentum_cooldown_steps, 1.0)
+        momentum = momentum + (lo - momentum) * cool
+    return momentum
 
 
 # =============================================================================
 # 7. Logging
 # =============================================================================
+# Only rank 0 writes. The log starts with the exact bytes of this script, so a log
+# alone reproduces its run; every line is flushed so a crash leaves a readable log.
+
+END_OF_SCRIPT = "==== end of script: sha256={digest} bytes={size} ===="
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L4": 121.0, "4090": 165.2}
+
+
+class RunLogger:
+    def __init__(self, path: str | None, echo: bool = True):
+        self.path, self.echo, self.file = path, echo, None
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "xb")  # "x": a log is never overwritten
+
+    def write_script(self, source: bytes) -> None:
+        if self.file:
+            self.file.write(source if source.endswith(b"\n") else source + b"\n")
+            digest = hashlib.sha256(source).hexdigest()
+            self.file.write((END_OF_SCRIPT.format(digest=digest, size=len(source)) + "\n").encode())
+            self.file.flush()
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if self.file:
+            self.file.write((line + "\n").encode())
+            self.file.flush()
+        if self.echo and console:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def launch_command(argv: list[str]) -> str:
+    """The command line that launched this run, as a user would type it."""
+    args = " ".join(shlex.quote(a) for a in argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        node_part = "--standalone" if nodes == "1" else f"--nnodes={nodes}"
+        return f"torchrun {node_part} --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')} train_gpt.py {args}".rstrip()
+    return f"python train_gpt.py {args}".rstrip()
+
+
+def device_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"cuda: {world_size}x {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu} ({os.cpu_count()} cores), {world_size} process(es)"
+
+
+def nvidia_smi() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "not available"
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "not available"
+    return "\n" + "\n".join("  " + line for line in out.rstrip().splitlines())
+
+
+def write_log_header(log: RunLogger, cfg: Config, argv: list[str], world_size: int, device: torch.device) -> None:
+    with open(os.path.abspath(__file__), "rb") as f:
+        log.write_script(f.read())
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    header = [
+        f"run_id: {cfg.run_id}",
+        f"command: {launch_command(argv)}",
+        f"argv: {json.dumps(argv)}",
+        f"world_size: {world_size}",
+        f"python: {sys.version.split()[0]}",
+        f"torch: {torch.__version__}",
+        f"triton: {triton_version}",
+        f"device: {device_description(device, world_size)}",
+        f"nvidia-smi: {nvidia_smi()}",
+        f"config: {json.dumps(dataclasses.asdict(cfg))}",
+    ]
+    for line in header:
+        log(line, console=not line.startswith("config:"))
+
+
+def matmul_flops_per_token(model: nn.Module, cfg: Config, long_window: int) -> float:
+    """Training FLOPs per token: 6 per matrix weight, plus attention scores/values over the window."""
+    matrix = sum(p.numel() for p in model.parameters() if p.ndim == 2 and getattr(p, "label", "") != "embed"
+                 and getattr(p, "label", "") != "value_embed")
+    attn_layers = sum(1 for c in getattr(cfg, "window_pattern", "L" * cfg.num_layers) if c in "SL")
+    mean_keys = min(long_window, cfg.max_seq_len) * 0.75 / 2  # mix of short and long windows, causal half
+    return 6 * matrix + 12 * attn_layers * cfg.num_heads * cfg.head_dim * mean_keys
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of one device (no sparsity), or None when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
 
 
 # =============================================================================
 # 8. Checkpoints
 # =============================================================================
+# One file per rank (optimiser state is sharded), written then renamed, so a killed
+# run always leaves its last complete checkpoint behind.
+
+
+def checkpoint_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.pt")
+
+
+def save_checkpoint(directory: str, rank: int, world_size: int, state: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    path = checkpoint_path(directory, rank)
+    tmp = path + ".tmp"
+    torch.save(dict(state, world_size=world_size), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(directory: str, rank: int, world_size: int) -> dict:
+    path = checkpoint_path(directory, rank)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {directory}: no checkpoint file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["world_size"] != world_size:
+        raise ConfigError(f"--resume {directory}: written by {state['world_size']} process(es), "
+                          f"resumed with {world_size}; use the same world size")
+    return state
 
 
 # =============================================================================
@@ -468,10 +688,251 @@ def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: 
 # =============================================================================
 
 
-def main(argv: list[str] | None = None) -> None:
+class ConfigError(ValueError):
+    """A setting that makes the run impossible; reported as one line before training."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    def fail(message: str):
+        raise ConfigError(message)
+    if cfg.data not in ("fineweb", "synthetic"):
+        fail(f"--data {cfg.data!r}: choose fineweb or synthetic")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        fail(f"--device {cfg.device!r}: choose auto, cuda or cpu")
+    if cfg.num_iterations <= 0 or cfg.extension_iterations < 0:
+        fail("--num-iterations must be > 0 and --extension-iterations >= 0")
+    if cfg.batch_slices % world_size:
+        fail(f"--batch-slices {cfg.batch_slices} is not divisible by the world size {world_size} "
+             "(each rank takes batch_slices/world_size accumulation micro-steps)")
+    for tokens in (*cfg.batch_tokens_stages, cfg.batch_tokens_extension):
+        if tokens % cfg.batch_slices:
+            fail(f"batch of {tokens} tokens is not divisible into --batch-slices {cfg.batch_slices}")
+    if cfg.val_tokens % cfg.val_batch_tokens or cfg.val_batch_tokens % world_size:
+        fail(f"--val-tokens {cfg.val_tokens} must be a multiple of --val-batch-tokens {cfg.val_batch_tokens}, "
+             f"itself a multiple of the world size {world_size}")
+    if cfg.window_schedule not in ("stages", "cubic"):
+        fail(f"--window-schedule {cfg.window_schedule!r}: choose stages or cubic")
+    if cfg.adam_every < 1:
+        fail("--adam-every must be >= 1")
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        # A timeout makes surviving ranks exit instead of hanging when one rank dies.
+        dist.init_process_group("nccl" if want_cuda else "gloo", device_id=device if want_cuda else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    return rank, world_size, device
+
+
+def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world_size
+    return value
+
+
+def make_train_loader(cfg: Config, rank: int, world_size: int, device):
+    if cfg.data == "synthetic":
+        return SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                               bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=device)
+    return TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                       bos_id=cfg.bos_id, repeat=cfg.repeat_data, device=device)
+
+
+def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[MicroBatch]:
+    """Validation micro-batches, loaded once and reused at every evaluation."""
+    if cfg.data == "synthetic":
+        loader = SyntheticLoader(rank, world_size, slices=world_size, max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id,
+                                 vocab_size=cfg.vocab_size, seed=cfg.seed + 1_000_003, device=device)
+        return [mb for _ in range(cfg.val_tokens // cfg.val_batch_tokens) for mb in loader.next_step(cfg.val_batch_tokens)]
+    return list(validation_batches(cfg.val_files, rank, world_size, val_tokens=cfg.val_tokens,
+                                   batch_tokens=cfg.val_batch_tokens, bos_id=cfg.bos_id, device=device))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int) -> float:
+    """Mean per-token validation loss over all ranks."""
+    total = torch.zeros((), device=batches[0].inputs.device, dtype=torch.float64)
+    for mb in batches:
+        total += model(mb.inputs, mb.targets, mb.cu_seqlens, mb.max_seqlen, long_window).double()
+    tokens = sum(mb.inputs.numel() for mb in batches)
+    return all_reduce_mean(total / tokens, world_size).item()
+
+
+def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cfg: Config,
+               long_window: int) -> torch.Tensor:
+    """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed loss."""
+    loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
+    for i, mb in enumerate(micro_batches):
+        optimizers.prepare_backward(step, last_micro_step=i == len(micro_batches) - 1)
+        loss = model(mb.inputs, mb.targets, mb.cu_seqlens, mb.max_seqlen, long_window)
+        # Dividing by the micro-step count while the optimisers average over ranks makes the
+        # gradient the same for every world size.
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    optimizers.step(step, lr_multiplier_at(step, cfg), muon_momentum_at(step, cfg))
+    return loss_sum
+
+
+def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, val_batches) -> None:
+    """Compile and run every batch/window shape of the schedule, then restore all state exactly."""
+    saved_model = copy.deepcopy(raw_model.state_dict())
+    saved_opt = copy.deepcopy(optimizers.state_dict())
+    saved_loader = copy.deepcopy(loader.state_dict())
+    shapes = []
+    for step in range(total_steps(cfg)):
+        shape = (batch_tokens_at(step, cfg), long_window_at(step, cfg))
+        if shape not in shapes:
+            shapes.append(shape)
+    per_shape = max(1, cfg.warmup_steps // max(1, len(shapes)))
+    step = 0
+    for batch_tokens, long_window in shapes:
+        for _ in range(per_shape):
+            train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
+            step += 1
+    evaluate(model, val_batches[:1], cfg.long_window_blocks_final_val * cfg.window_block, 1)
+    raw_model.load_state_dict(saved_model)
+    optimizers.load_state_dict(saved_opt)
+    loader.load_state_dict(saved_loader)
+
+
+def train(cfg: Config, argv: list[str] | None = None) -> dict:
+    """Run one training job; returns the final metrics."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank, world_size, device = setup_distributed(cfg)
+    check_config(cfg, world_size)
+    if not cfg.run_id:
+        run_id = [f"{time.strftime('%Y%m%d_%H%M%S')}_{cfg.preset}_s{cfg.seed}"]
+        if world_size > 1:
+            dist.broadcast_object_list(run_id, src=0)
+        cfg.run_id = run_id[0]
+    torch.manual_seed(cfg.seed)
+    # Data first: a bad shard is reported before any model is built.
+    loader = make_train_loader(cfg, rank, world_size, device)
+    val_batches = make_val_batches(cfg, rank, world_size, device)
+
+    log = RunLogger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if rank == 0 else None, echo=rank == 0)
+    try:
+        write_log_header(log, cfg, argv, world_size, device)
+        return run_training(cfg, argv, log, loader, val_batches, rank, world_size, device)
+    except BaseException as e:
+        log(f"error: {type(e).__name__}: {e}".splitlines()[0])
+        raise
+    finally:
+        log.close()
+
+
+def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: int, world_size: int,
+                 device: torch.device) -> dict:
+    raw_model = GPT(cfg).to(device)
+    model = raw_model
+    if device.type == "cuda" and cfg.compile:
+        model = torch.compile(raw_model, dynamic=False)
+    optimizers = OptimizerSet(raw_model, cfg, rank, world_size)
+    steps = total_steps(cfg)
+    long_window = long_window_at(0, cfg)
+    start_step, train_time_ms = 0, 0.0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, rank, world_size)
+        raw_model.load_state_dict(state["model"])
+        optimizers.load_state_dict(state["optimizers"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        start_step, train_time_ms, long_window = state["step"], state["train_time_ms"], state["long_window"]
+        log(f"resumed from {cfg.resume} at step {start_step}")
+    if cfg.warmup_steps > 0:
+        t = time.perf_counter()
+        warm_up(model, raw_model, optimizers, loader, cfg, world_size, val_batches)
+        log(f"warmup: {cfg.warmup_steps} untimed steps in {time.perf_counter() - t:.1f}s, state restored")
+
+    peak = peak_flops(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    val_loss = float("nan")
+    sync()
+    t0 = time.perf_counter()
+    for step in range(start_step, steps + 1):
+        last_step = step == steps
+        if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
+            sync()
+            train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for validation
+            eval_window = cfg.long_window_blocks_final_val * cfg.window_block if last_step else long_window
+            val_loss = evaluate(model, val_batches, eval_window, world_size)
+            if not math.isfinite(val_loss):
+                raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
+            log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                f"step_avg:{train_time_ms / max(step - start_step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last_step:
+            break
+
+        new_window = long_window_at(step, cfg)
+        if new_window != long_window:
+            if new_window > long_window:
+                raw_model.rescale_rotary(long_window, new_window)
+            long_window = new_window
+        if step > 0 and stage_index(step, cfg) != stage_index(step - 1, cfg):
+            optimizers.pause_scalars(cfg.scalar_pause_steps)
+        batch_tokens = batch_tokens_at(step, cfg)
+        loss_sum = train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
+        train_loss = all_reduce_mean(loss_sum / (batch_tokens // world_size), world_size).item()
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss is {train_loss} at step {step + 1}; stopping (log kept)")
+
+        done = step + 1
+        if cfg.log_every > 0 and (done % cfg.log_every == 0 or done == steps):
+            elapsed_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
+            step_avg = elapsed_ms / (done - start_step)
+            line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
+                    f"train_loss:{train_loss:.4f} eta:{step_avg * (steps - done) / 1000:.0f}s")
+            if peak is not None:
+                tokens_per_s = batch_tokens / (step_avg / 1000)
+                mfu = tokens_per_s * matmul_flops_per_token(raw_model, cfg, long_window) / (peak * world_size)
+                line += f" tokens/s:{tokens_per_s:.0f} mfu:{100 * mfu:.1f}%"
+            log(line)
+        if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < steps:
+            sync()
+            directory = os.path.join(cfg.checkpoint_dir, cfg.run_id, f"step_{done:06d}")
+            save_checkpoint(directory, rank, world_size, {
+                "model": raw_model.state_dict(), "optimizers": optimizers.state_dict(),
+                "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": done,
+                "train_time_ms": train_time_ms + 1000 * (time.perf_counter() - t0), "long_window": long_window,
+            })
+            log(f"checkpoint: {directory}", console=False)
+
+    if device.type == "cuda":
+        log(f"peak memory: allocated {torch.cuda.max_memory_allocated(device) // 2**20} MiB, "
+            f"reserved {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    log(f"final: val_loss:{val_loss:.4f} train_time_ms:{train_time_ms:.0f} steps:{steps}")
+    return {"val_loss": val_loss, "train_time_ms": train_time_ms, "steps": steps, "run_id": cfg.run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(argv)
-    print(cfg)
+    try:
+        train(cfg, argv)
+    except (DataError, ConfigError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingDiverged) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
