@@ -120,6 +120,10 @@ class Config:
     dist_timeout_s: int = 300
 
 
+class ConfigError(ValueError):
+    """A setting that makes the run impossible; reported as one line before training."""
+
+
 PRESETS: dict[str, dict] = {
     "short": {},
     "medium": {
@@ -187,12 +191,12 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = unknown[0]
-        raise SystemExit(f"error: unknown option {bad!r}; valid options are --preset and --<field> for fields: "
-                         + ", ".join(names))
+        raise ConfigError(f"unknown option {bad!r}; valid options are --preset and --<field> for fields: "
+                          + ", ".join(names))
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     preset = overrides.get("preset", defaults.preset)
     if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     cfg = dataclasses.replace(defaults, **PRESETS[preset])
     cfg.preset = preset
     for name, text in overrides.items():
@@ -217,7 +221,7 @@ def parse_field_value(name: str, text: str, default):
             return float(text)
         return text
     except ValueError:
-        raise SystemExit(f"error: --{name} expects {type(default).__name__}, got {text!r}") from None
+        raise ConfigError(f"--{name} expects {type(default).__name__}, got {text!r}") from None
 
 
 # =============================================================================
@@ -555,6 +559,8 @@ class RunLogger:
         self.path, self.echo, self.file = path, echo, None
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                raise ConfigError(f"log {path} already exists; choose another --run-id or --log-dir")
             self.file = open(path, "xb")  # "x": a log is never overwritten
 
     def write_script(self, source: bytes) -> None:
@@ -686,10 +692,6 @@ def load_checkpoint(directory: str, rank: int, world_size: int) -> dict:
 # =============================================================================
 # 9. Training loop and entry point
 # =============================================================================
-
-
-class ConfigError(ValueError):
-    """A setting that makes the run impossible; reported as one line before training."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -922,9 +924,8 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(argv)
     try:
-        train(cfg, argv)
+        train(config_from_args(argv), argv)
     except (DataError, ConfigError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingDiverged) else 1

@@ -73,14 +73,14 @@ def test_overrides_and_types():
     (["--seed", "x"], "--seed expects int"),
 ])
 def test_bad_command_lines_are_one_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(tg.ConfigError) as err:
         tg.config_from_args(argv)
     text = str(err.value)
     assert message in text and "\n" not in text
 
 
 def test_unknown_option_lists_valid_fields():
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(tg.ConfigError) as err:
         tg.config_from_args(["--bogus", "1"])
     assert "num_iterations" in str(err.value)
 
