@@ -470,7 +470,72 @@ def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: 
 # =============================================================================
 # 4. Orthogonalisation
 # =============================================================================
-# (orthogonalisation section)
+# Both methods map G = U S V^T to approximately U V^T with a fixed polynomial
+# iteration X <- a X + (b A + c A^2) X, A = X X^T, run in bf16 on the wide
+# orientation (rows <= cols) so A is the small Gram matrix. Inputs may carry
+# leading batch dimensions; every matrix in the batch is handled independently.
+
+NS_CLASSIC_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
+NS_PER_ITERATION_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """X X^T for a (batched) matrix."""
+    return X @ X.mT
+
+
+def gram_polynomial(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """b A + c A A for a (batched) symmetric matrix A."""
+    return torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else b * A + c * (A @ A)
+
+
+def polynomial_iteration(G: torch.Tensor, coeffs, norm_scale: float, norm_eps: float) -> torch.Tensor:
+    if G.ndim < 2:
+        raise ValueError(f"orthogonalisation needs a matrix, got shape {tuple(G.shape)}")
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale + norm_eps)
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])
+    for a, b, c in coeffs:
+        B = gram_polynomial(gram(X), b, c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    X = X.reshape(*batch_shape, *X.shape[-2:])
+    return X.mT if tall else X
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_CLASSIC_COEFFS) -> torch.Tensor:
+    """Quintic Newton-Schulz (classic Muon): fixed or per-iteration coefficients."""
+    coeffs = tuple(coeffs)
+    return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.0, 1e-7)
+
+
+def polar_express(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Polar Express (Amsel et al. 2025): per-iteration optimal coefficients, 2% norm safety margin."""
+    coeffs = POLAR_EXPRESS_COEFFS
+    return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.02, 1e-6)
+
+
+ORTHOGONALIZERS = {
+    "polar_express": polar_express,
+    "newton_schulz": newton_schulz,
+    "newton_schulz_per_iteration": lambda G, steps=5: newton_schulz(G, steps, NS_PER_ITERATION_COEFFS),
+}
 # --- end orthogonalisation section ---
 
 
