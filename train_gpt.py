@@ -82,7 +82,33 @@ class Config:
     head_dim: int = 128
     mlp_ratio: int = 4
     window_block: int = 128  # windows are counted in blocks of this many tokens
-    # (model fields: see section 3)
+    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long/2), L long window, N no attention
+    value_embed_pattern: str = "12......012"  # per layer: value-embedding table added to v, '.' none
+    tie_embedding: bool = True  # the token embedding is the lm_head matrix
+    input_embeds: int = 1  # input embeddings mixed into every block's residual (medium: 2)
+    smear_gate: bool = True  # add a gated share of the previous token's embedding
+    attn_gate: bool = True  # per-head sigmoid gate on the attention output
+    gate_dims: int = 12  # leading residual dims that feed the smear and attention gates
+    key_shift: bool = True  # long-window layers see the previous token's position-free key dims
+    attn_scale: float = 0.1
+    rotary_min_freq: float = 1 / 1024
+    yarn: bool = True  # adjust rotary frequencies and attention scale when the window grows
+    yarn_alpha: float = 1.0  # frequencies with fewer turns than this in the old window are interpolated
+    yarn_beta: float = 32.0  # ... and those with more than this are kept
+    yarn_attn_gain: float = 0.2  # attention scale *= 1 + gain * ln(new_window / old_window)
+    resid_lambda_init: float = 1.1
+    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections
+    skip_connections: str = "6<3"  # "to<from": the output of layer `from` joins the input of layer `to`
+    skip_gate: str = "sigmoid"  # sigmoid: weight sigmoid(lambda) | linear: weight lambda
+    skip_init: float = -1.5
+    backout_layer: int = 7  # subtract backout_lambda x this layer's output before the head; -1: off
+    backout_init: float = 0.5
+    softcap: str = "sigmoid"  # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
+    head_init_std: float = 0.005  # 0: zero-init head
+    fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
+    fp8_scales: tuple = (100 / 448, 1.5 / 448, 0.75 / 448)  # fixed scales of x, w and the logit gradient
+    attention_backend: str = "auto"  # auto (varlen on CUDA, sdpa on CPU) | varlen | flex | sdpa
+    compute_dtype: str = "bfloat16"  # activations, embeddings and head; matrices keep fp32 masters
     # --- end model -----------------------------------------------------------
 
     # --- optimisers ----------------------------------------------------------
@@ -128,6 +154,12 @@ PRESETS: dict[str, dict] = {
     "short": {},
     "medium": {
         # medium model
+        "num_layers": 16, "model_dim": 1024, "num_heads": 8, "head_dim": 128,
+        "window_pattern": "LSSSLSSNSSSLSSSL", "value_embed_pattern": "01234......01234",
+        "tie_embedding": False, "input_embeds": 2, "smear_gate": False, "attn_gate": False, "key_shift": False,
+        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (1.0, 1.0),
+        "skip_connections": "9<6,10<4,11<2", "skip_gate": "linear", "skip_init": 1.0, "backout_layer": -1,
+        "softcap": "rational", "head_init_std": 0.0, "fp8_head": False,
         # end medium model
         # medium optimisers
         # end medium optimisers
@@ -143,6 +175,8 @@ PRESETS: dict[str, dict] = {
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         # cpu model
+        "num_layers": 6, "model_dim": 128, "num_heads": 2, "head_dim": 64,
+        "window_pattern": "SLSNSL", "value_embed_pattern": "01..01", "skip_connections": "4<1", "backout_layer": 3,
         # end cpu model
         # cpu optimisers
         # end cpu optimisers
@@ -158,6 +192,8 @@ PRESETS: dict[str, dict] = {
     },
     "test": {  # the smallest model of the same architecture, for the test suite
         # test model
+        "num_layers": 4, "model_dim": 32, "num_heads": 2, "head_dim": 16,
+        "window_pattern": "SLNL", "value_embed_pattern": "01.1", "skip_connections": "3<1", "backout_layer": 2,
         # end test model
         # test optimisers
         # end test optimisers
@@ -463,7 +499,411 @@ def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: 
 # =============================================================================
 # 3. Model
 # =============================================================================
-# (model section: attention backends, FP8 head, GPT)
+# Layouts are chosen for the optimisers: every matrix a Muon optimiser sees is
+# stored so its last two dims are the matrix to orthogonalise, and every
+# parameter carries a `label` that routes it to its optimiser group (section 5).
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def labelled(tensor: torch.Tensor, label: str) -> nn.Parameter:
+    param = nn.Parameter(tensor)
+    param.label = label
+    return param
+
+
+def parse_skips(spec: str) -> list[tuple[int, int]]:
+    """'6<3,9<6' -> [(6, 3), (9, 6)]: the output of layer 3 joins the input of layer 6."""
+    pairs = []
+    for item in filter(None, spec.split(",")):
+        to, _, frm = item.partition("<")
+        if not (to.strip().isdigit() and frm.strip().isdigit()) or int(frm) >= int(to):
+            raise ConfigError(f"--skip-connections {spec!r}: each item must be 'to<from' with from < to")
+        pairs.append((int(to), int(frm)))
+    return pairs
+
+
+# --- sequence bookkeeping ------------------------------------------------------
+
+
+@dataclass
+class Segments:
+    """Where the packed sequences of a micro-batch start, in the forms the layers need."""
+    cu_seqlens: torch.Tensor  # (num_seqs + 1,) int32
+    max_seqlen: int
+    is_start: torch.Tensor  # (T,) bool: first token of a sequence
+    seq_id: torch.Tensor  # (T,) int: which sequence a token belongs to
+
+
+def make_segments(cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) -> Segments:
+    marks = torch.zeros(num_tokens + 1, dtype=torch.int32, device=cu_seqlens.device)
+    marks[cu_seqlens.long()] = 1  # a trailing num_tokens entry lands in the extra slot
+    is_start = marks[:num_tokens].bool()
+    return Segments(cu_seqlens.int(), max_seqlen, is_start, torch.cumsum(marks[:num_tokens], 0) - 1)
+
+
+def shift_to_next_position(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """out[t] = x[t-1] within a sequence, zero at sequence starts (nothing leaks across documents)."""
+    shifted = torch.cat([torch.zeros_like(x[:1]), x[:-1]])
+    keep = (~segments.is_start).view(-1, *([1] * (x.ndim - 1)))
+    return shifted * keep
+
+
+# --- attention backends -------------------------------------------------------
+# All compute the same function: causal attention inside each sequence over the
+# last `window` keys (the query's own key included). q, k, v: (T, heads, head_dim).
+
+
+def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int):
+    return (q_seq == k_seq) & (q_pos >= k_pos) & (q_pos - k_pos < window)
+
+
+def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+    """Explicit (T, T) mask; the portable path (CPU, any device)."""
+    pos = torch.arange(q.size(0), device=q.device)
+    seq = segments.seq_id
+    mask = attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=scale)
+    return y.transpose(0, 1)
+
+
+def attention_flex(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    seq = segments.seq_id
+
+    def mask_mod(batch, head, q_idx, k_idx):
+        return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window)
+
+    T = q.size(0)
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    y = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=block_mask, scale=scale)
+    return y[0].transpose(0, 1)
+
+
+def attention_varlen(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+    """torch's varlen (FlashAttention-2-style) kernel over the cumulative sequence lengths; CUDA only."""
+    from torch.nn.attention.varlen import varlen_attn
+    cu, max_len = segments.cu_seqlens, segments.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(window - 1, 0))
+
+
+ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flex": attention_flex, "varlen": attention_varlen}
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "varlen" if device.type == "cuda" else "sdpa"
+    if name == "varlen" and device.type != "cuda":
+        raise ConfigError("--attention-backend varlen needs a CUDA device; use sdpa or flex on CPU")
+    return name
+
+
+# --- FP8 lm_head ----------------------------------------------------------------
+# logits = x @ w^T with x and w cast to e4m3 and the logit gradient to e5m2, each
+# with a fixed scale (no amax bookkeeping, so no host syncs). Wrapped as custom ops
+# so torch.compile treats the scaled matmuls as opaque and autograd uses our backward.
+
+
+def to_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(dtype)
+
+
+def scaled_mm(a8, b8, scale_a: float, scale_b: float, out_dtype) -> torch.Tensor:
+    """a8 @ b8 where b8 is given row-major as (k, n) and is passed column-major as _scaled_mm wants."""
+    one = torch.ones((), device=a8.device, dtype=torch.float32)
+    return torch._scaled_mm(a8, b8.T.contiguous().T, scale_a=one * scale_a, scale_b=one * scale_b,
+                            out_dtype=out_dtype)
+
+
+@torch.library.custom_op("speedrun::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: float, w_scale: float,
+               grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x8 = to_fp8(x, x_scale, torch.float8_e4m3fn)
+    w8 = to_fp8(w, w_scale, torch.float8_e4m3fn)
+    return scaled_mm(x8, w8.T, x_scale, w_scale, torch.bfloat16), x8, w8
+
+
+@fp8_linear.register_fake
+def _(x, w, x_scale, w_scale, grad_scale):
+    return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16),
+            torch.empty_like(x, dtype=torch.float8_e4m3fn), torch.empty_like(w, dtype=torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("speedrun::fp8_linear_backward", mutates_args=())
+def fp8_linear_backward(grad: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor, x_scale: float, w_scale: float,
+                        grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g8 = to_fp8(grad, grad_scale, torch.float8_e5m2)
+    grad_x = scaled_mm(g8, w8, grad_scale, w_scale, torch.bfloat16)
+    grad_w = scaled_mm(g8.T.contiguous(), x8, grad_scale, x_scale, torch.float32)
+    return grad_x, grad_w
+
+
+@fp8_linear_backward.register_fake
+def _(grad, x8, w8, x_scale, w_scale, grad_scale):
+    return grad.new_empty(grad.size(0), w8.size(1), dtype=torch.bfloat16), w8.new_empty(w8.shape, dtype=torch.float32)
+
+
+def _fp8_setup_context(ctx, inputs, output):
+    x, w, x_scale, w_scale, grad_scale = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.scales = (x_scale, w_scale, grad_scale)
+    ctx.dtypes = (x.dtype, w.dtype)
+
+
+def _fp8_backward(ctx, grad_out, grad_x8, grad_w8):
+    x8, w8 = ctx.saved_tensors
+    grad_x, grad_w = fp8_linear_backward(grad_out, x8, w8, *ctx.scales)
+    return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
+
+
+fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
+
+
+# --- layers ---------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """Rotary embedding pairing dim i with dim i + head_dim/2.
+
+    Only the first quarter of the frequencies rotate; the rest are zero, leaving
+    those dims position-free. When the attention window grows, YaRN slows the
+    frequencies that complete few turns inside the old window (interpolation) and
+    leaves the fast ones alone, and sharpens the attention scale a little.
+    """
+
+    def __init__(self, head_dim: int, min_freq: float):
+        super().__init__()
+        quarter = head_dim // 4
+        freq = torch.cat([min_freq ** torch.linspace(0, 1, quarter), torch.zeros(head_dim // 2 - quarter)])
+        self.register_buffer("freq", freq)  # persistent: YaRN changes it during training
+
+    def position_free_dims(self) -> torch.Tensor:
+        return torch.cat([self.freq == 0, self.freq == 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, heads, head_dim)
+        angle = torch.arange(x.size(0), device=x.device, dtype=torch.float32)[:, None] * self.freq
+        cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+    @torch.no_grad()
+    def yarn_rescale(self, old_window: int, new_window: int, alpha: float, beta: float) -> None:
+        turns = old_window * self.freq / (2 * math.pi)
+        keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
+        ratio = old_window / new_window
+        self.freq.mul_(ratio + keep * (1 - ratio))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
+        # Q, K, V and O (O stored transposed) as one (4, inner, dim) tensor: four
+        # same-shaped matrices the optimiser orthogonalises as a batch.
+        qkvo = torch.empty(4, inner, dim)
+        bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
+        nn.init.uniform_(qkvo[:3], -bound, bound)
+        nn.init.zeros_(qkvo[3])
+        self.qkvo = labelled(qkvo, "attn")
+        self.gate_dims = cfg.gate_dims
+        self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims), "attn_gate") if cfg.attn_gate else None
+
+    def forward(self, x, value_embed, segments: Segments, window: int, qkv_scale, out_scale, rotary: Rotary,
+                attn_scale, shift_keys: bool, backend: str) -> torch.Tensor:
+        T = x.size(0)
+        w = self.qkvo.type_as(x)
+        q, k, v = (qkv_scale * F.linear(x, w[:3].flatten(0, 1))).view(T, 3, self.heads, self.head_dim).unbind(1)
+        # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
+        q, k = rotary(rms_norm(q)) * attn_scale, rotary(rms_norm(k))
+        if shift_keys:  # a head can match on the previous token's content through these dims
+            k = torch.where(rotary.position_free_dims(), shift_to_next_position(k, segments), k)
+        if value_embed is not None:
+            v = v + value_embed.view_as(v)
+        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0)
+        if self.output_gate is not None:
+            y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
+        return out_scale * (y.reshape(T, -1) @ w[3])
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden, dim = cfg.mlp_ratio * cfg.model_dim, cfg.model_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
+        self.fc = labelled(torch.empty(hidden, dim).uniform_(-bound, bound), "mlp_fc")
+        self.proj = labelled(torch.zeros(hidden, dim), "mlp_proj")  # stored transposed: same shape as fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.linear(x, self.fc.type_as(x))).square() @ self.proj.type_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, has_attention: bool):
+        super().__init__()
+        self.attn = Attention(cfg) if has_attention else None
+        self.mlp = MLP(cfg)
+
+
+def softcap(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sigmoid":  # 30·sigmoid(z/7.5) = 15·tanh(z/15) + 15
+        return 30 * torch.sigmoid(logits * (1 / 7.5))
+    if kind == "rational":
+        return 15 * logits * torch.rsqrt(logits.square() + 225)
+    return logits
+
+
+class GPT(nn.Module):
+    """Both tracks' models; every feature is a Config field (section 1).
+
+    Short track: tied head/embedding, smear gate, 3 value embeddings, gated attention
+    output, key shift on long-window layers, a layer without attention, one gated
+    skip, backout, sigmoid softcap. Medium track: two input embeddings mixed per
+    block, 5 value embeddings, three plain skips, rational softcap.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        check_model_config(cfg)
+        self.cfg = cfg
+        L, dim = cfg.num_layers, cfg.model_dim
+        vocab = padded_vocab_size(cfg)
+        dtype = getattr(torch, cfg.compute_dtype)
+        self.skips = parse_skips(cfg.skip_connections)
+        head = torch.empty(vocab, dim)
+        nn.init.normal_(head, std=cfg.head_init_std) if cfg.head_init_std > 0 else nn.init.zeros_(head)
+        self.lm_head = labelled(head.to(dtype), "lm_head")
+        # With a tied head the token embedding is the head matrix itself.
+        num_tables = cfg.input_embeds - (1 if cfg.tie_embedding else 0)
+        self.embeds = nn.ParameterList(labelled(torch.randn(vocab, dim).to(dtype), "embed") for _ in range(num_tables))
+        num_value_embeds = len({c for c in cfg.value_embed_pattern if c != "."})
+        self.value_embeds = nn.ParameterList(labelled(torch.zeros(vocab, dim, dtype=dtype), "value_embed")
+                                             for _ in range(num_value_embeds))
+        self.smear_gate = labelled(torch.zeros(1, cfg.gate_dims, dtype=dtype), "smear_gate") if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, c != "N") for c in cfg.window_pattern)
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
+        self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
+        self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
+        # Every other learned scalar lives in one vector (one small optimiser group).
+        layout = {"resid": L, "qkv": L, "out": L, "skip": len(self.skips),
+                  "smear": int(cfg.smear_gate), "backout": int(cfg.backout_layer >= 0)}
+        self.scalar_slices, start = {}, 0
+        for name, size in layout.items():
+            self.scalar_slices[name] = slice(start, start + size)
+            start += size
+        scalars = torch.zeros(start)
+        scalars[self.scalar_slices["resid"]] = cfg.resid_lambda_init
+        scalars[self.scalar_slices["qkv"]] = cfg.sa_lambda_init[0]
+        scalars[self.scalar_slices["out"]] = cfg.sa_lambda_init[1]
+        scalars[self.scalar_slices["skip"]] = cfg.skip_init
+        scalars[self.scalar_slices["backout"]] = cfg.backout_init
+        self.scalars = labelled(scalars, "scalars")
+
+    def scalar(self, name: str) -> torch.Tensor:
+        return self.scalars[self.scalar_slices[name]]
+
+    def rescale_rotary(self, old_window: int, new_window: int) -> None:
+        """YaRN update when the long window grows (called by the schedule, section 9)."""
+        if self.cfg.yarn and new_window > old_window:
+            self.rotary.yarn_rescale(old_window, new_window, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+            self.attn_scale.mul_(1 + self.cfg.yarn_attn_gain * math.log(new_window / old_window))
+
+    def input_embeddings(self, tokens: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
+        tables = ([self.lm_head] if self.cfg.tie_embedding else []) + list(self.embeds)
+        x = F.embedding(tokens, tables[0])
+        if self.smear_gate is not None:  # mix in a gated share of the previous token's embedding
+            gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate))
+            x = x + self.scalar("smear").type_as(x) * gate * shift_to_next_position(x, segments)
+        return [rms_norm(x)] + [rms_norm(F.embedding(tokens, table)) for table in tables[1:]]
+
+    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+        cfg = self.cfg
+        segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
+        backend = resolve_attention_backend(cfg.attention_backend, tokens.device)
+        x0 = self.input_embeddings(tokens, segments)
+        dtype = x0[0].dtype
+        resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
+        skip_weights = self.scalar("skip").type_as(x0[0])
+        if cfg.skip_gate == "sigmoid":
+            skip_weights = torch.sigmoid(skip_weights)
+        x0_lambdas = self.x0_lambdas.to(dtype)
+        windows = {"L": long_window, "S": long_window // 2}
+        saved, x = {}, x0[0]
+        for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
+            for j, (to, frm) in enumerate(self.skips):
+                if to == i:
+                    x = x + skip_weights[j] * saved[frm]
+            x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
+            if block.attn is not None:
+                ve_index = cfg.value_embed_pattern[i]
+                value_embed = None if ve_index == "." else F.embedding(tokens, self.value_embeds[int(ve_index)])
+                x = x + block.attn(rms_norm(x), value_embed, segments, windows[kind], qkv_scale[i], out_scale[i],
+                                   self.rotary, self.attn_scale, cfg.key_shift and kind == "L", backend)
+            x = x + block.mlp(rms_norm(x))
+            saved[i] = x
+        if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
+            x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
+        return rms_norm(x)
+
+    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+        """Soft-capped fp32 logits, (T, padded vocab); for evaluation and tests."""
+        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.fp8_head and x.is_cuda and x.size(0) % 16 == 0:
+            z = fp8_linear(x, self.lm_head, *cfg.fp8_scales)[0]
+        else:
+            z = F.linear(x, self.lm_head.type_as(x))
+        return softcap(z.float(), cfg.softcap)
+
+    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+        """Summed (not averaged) cross-entropy over the micro-batch's tokens."""
+        logits = self.logits(tokens, cu_seqlens, max_seqlen, long_window)
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def padded_vocab_size(cfg: Config) -> int:
+    return cfg.vocab_pad_multiple * math.ceil(cfg.vocab_size / cfg.vocab_pad_multiple)
+
+
+def check_model_config(cfg: Config) -> None:
+    L = cfg.num_layers
+    for name in ("window_pattern", "value_embed_pattern"):
+        if len(getattr(cfg, name)) != L:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} needs one character per layer "
+                              f"({L} layers)")
+    if set(cfg.window_pattern) - set("SLN"):
+        raise ConfigError(f"--window-pattern {cfg.window_pattern!r}: use S (short), L (long) or N (no attention)")
+    if set(cfg.value_embed_pattern) - set(".0123456789"):
+        raise ConfigError(f"--value-embed-pattern {cfg.value_embed_pattern!r}: use a table index or '.' per layer")
+    tables = sorted({int(c) for c in cfg.value_embed_pattern if c != "."})
+    if tables != list(range(len(tables))):
+        raise ConfigError(f"--value-embed-pattern {cfg.value_embed_pattern!r}: tables must be numbered 0..n-1")
+    for to, frm in parse_skips(cfg.skip_connections):
+        if to >= L:
+            raise ConfigError(f"--skip-connections {cfg.skip_connections!r}: layer {to} does not exist")
+    if cfg.backout_layer >= L:
+        raise ConfigError(f"--backout-layer {cfg.backout_layer}: only {L} layers")
+    if cfg.input_embeds < 1:
+        raise ConfigError("--input-embeds must be >= 1")
+    if cfg.gate_dims > cfg.model_dim:
+        raise ConfigError(f"--gate-dims {cfg.gate_dims} exceeds --model-dim {cfg.model_dim}")
+    if cfg.head_dim % 4:
+        raise ConfigError(f"--head-dim {cfg.head_dim} must be a multiple of 4 (rotary quarters)")
+    if cfg.softcap not in ("sigmoid", "rational", "none"):
+        raise ConfigError(f"--softcap {cfg.softcap!r}: choose sigmoid, rational or none")
+    if cfg.skip_gate not in ("sigmoid", "linear"):
+        raise ConfigError(f"--skip-gate {cfg.skip_gate!r}: choose sigmoid or linear")
+    if cfg.attention_backend not in ("auto", *ATTENTION_BACKENDS):
+        raise ConfigError(f"--attention-backend {cfg.attention_backend!r}: choose auto, {', '.join(ATTENTION_BACKENDS)}")
+    if cfg.compute_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--compute-dtype {cfg.compute_dtype!r}: choose bfloat16 or float32")
 # --- end model section ---
 
 
@@ -829,12 +1269,24 @@ def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[Mi
                                    batch_tokens=cfg.val_batch_tokens, bos_id=cfg.bos_id, device=device))
 
 
+def micro_batch_loss(model, mb: MicroBatch, long_window: int) -> torch.Tensor:
+    """Summed loss of one micro-batch.
+
+    For a compiled model the number of sequences varies from batch to batch and
+    max_seqlen is a Python int: marking cu_seqlens dynamic and rounding max_seqlen up
+    to a power of two keeps the graph from recompiling for every batch.
+    """
+    torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
+    max_seqlen = 1 << max(mb.max_seqlen - 1, 0).bit_length()
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int) -> float:
     """Mean per-token validation loss over all ranks."""
     total = torch.zeros((), device=batches[0].inputs.device, dtype=torch.float64)
     for mb in batches:
-        total += model(mb.inputs, mb.targets, mb.cu_seqlens, mb.max_seqlen, long_window).double()
+        total += micro_batch_loss(model, mb, long_window).double()
     tokens = sum(mb.inputs.numel() for mb in batches)
     return all_reduce_mean(total / tokens, world_size).item()
 
@@ -845,7 +1297,7 @@ def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cf
     loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
     for i, mb in enumerate(micro_batches):
         optimizers.prepare_backward(step, last_micro_step=i == len(micro_batches) - 1)
-        loss = model(mb.inputs, mb.targets, mb.cu_seqlens, mb.max_seqlen, long_window)
+        loss = micro_batch_loss(model, mb, long_window)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
         # gradient the same for every world size.
         (loss / len(micro_batches)).backward()
@@ -907,6 +1359,8 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
     raw_model = GPT(cfg).to(device)
     model = raw_model
     if device.type == "cuda" and cfg.compile:
+        # Each window size and batch shape is its own graph (the warm-up compiles them all).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model = torch.compile(raw_model, dynamic=False)
     optimizers = OptimizerSet(raw_model, cfg, rank, world_size)
     steps = total_steps(cfg)
