@@ -29,6 +29,39 @@ class UsageError(ValueError):
     pass
 
 
+# --- check ------------------------------------------------------------------------
+
+def describe(run: RunLog) -> str:
+    """One line: what a log holds, and what it lacks."""
+    if run.finished:
+        head = (f"finished: val_loss {run.final_val_loss:.4f}, "
+                f"{stats.fmt(None if run.final_train_time_ms is None else run.final_train_time_ms / 1000, '.2f')} s, "
+                f"{run.final_steps if run.final_steps is not None else 'n/a'} steps")
+    else:
+        last = run.train_steps[-1] if run.train_steps else None
+        head = "partial: " + (f"last step {last.step}/{last.total}" if last else "no step")
+        if run.val_steps:
+            head += f", last val_loss {run.val_steps[-1].val_loss:.4f} at step {run.val_steps[-1].step}"
+    missing = run.missing()
+    return f"{run.path}: {head}" + (f"; missing: {'; '.join(missing)}" if missing else "")
+
+
+def cmd_check(args) -> int:
+    code = 0
+    for source in args.logs:
+        for path in log_paths(source):
+            try:
+                run = parse_log(path)
+            except LogError as e:
+                print(f"error: {e}", file=sys.stderr)
+                code = 2
+                continue
+            print(describe(run))
+            if run.missing() and code == 0:
+                code = 1
+    return code
+
+
 # --- new / index ------------------------------------------------------------------
 
 def cmd_new(args) -> int:
@@ -37,7 +70,11 @@ def cmd_new(args) -> int:
     print(f"created {folder}")
     print("next: fill in 'What changed and why' in its README.md")
     if not args.no_index:
-        print(f"updated {folders.write_index(args.records_dir)}")
+        try:
+            print(f"updated {folders.write_index(args.records_dir)}")
+        except (LogError, OSError) as e:
+            print(f"warning: record created, but the records table was not updated: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -70,6 +107,8 @@ def cmd_stats(args) -> int:
         raise UsageError("give a record folder, logs, or --values")
     if args.bootstrap is not None and args.bootstrap < 1:
         raise UsageError("--bootstrap must be at least 1")
+    if args.sample_size is not None and args.bootstrap is None:
+        raise UsageError("--sample-size goes with --bootstrap")
     result = stats.record_stats(losses, target, times_ms=times, iterations=iterations, bootstrap=args.bootstrap,
                                 sample_size=args.sample_size, seed=args.seed)
     if args.json:
@@ -293,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Run `python -m records COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    p = sub.add_parser("check", help="what each log holds and lacks (partial or crashed runs)",
+                       description="Parse logs and say, one line each, what they hold and what is missing (for "
+                                   "example 'no final line: the run did not finish'). Exit 0 when all are complete, "
+                                   "1 when any lacks something, 2 when one is not a training log.")
+    p.add_argument("logs", nargs="+", metavar="LOG|FOLDER")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("new", help="create a record folder from logs",
                        description="Create records/<track>/<date>_<name>/ with README.md, train_gpt.py (taken from the "
                                    "logs, which must all embed the same script) and the logs. Never overwrites.")
@@ -382,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as e:  # LogError and UsageError included
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

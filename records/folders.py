@@ -136,6 +136,9 @@ def new_record(logs: list[str], track: str, name: str, date: str | None = None, 
     runs = load_runs(logs)
     check_same_script(runs)
     ids = [run.run_id for run in runs]
+    unsafe = next((i for i in ids if not SAFE_NAME.match(i)), None)
+    if unsafe is not None:
+        raise LogError(f"run_id {unsafe!r} cannot name a log file (use letters, digits, '_', '-', '.', '+')")
     duplicate = next((i for i in ids if ids.count(i) > 1), None)
     if duplicate:
         raise LogError(f"two logs have run_id {duplicate!r}; each run is stored as <run_id>.txt")
@@ -157,6 +160,7 @@ def new_record(logs: list[str], track: str, name: str, date: str | None = None, 
             f.write(render_readme(track, name, date, runs, target))
         if os.path.exists(final):
             raise LogError(f"{final} already exists; records are never overwritten")
+        # rename() refuses a non-empty destination, so a folder that appeared meanwhile is not overwritten.
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
