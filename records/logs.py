@@ -1,0 +1,296 @@
+"""Parsing of the run logs that train_gpt.py writes (`logs/<run_id>.txt`).
+
+A log is: the exact bytes of the script, a marker line
+`==== end of script: sha256=<hex> bytes=<n> ====`, header lines (`key: value`,
+`nvidia-smi:` continuing on indented lines, ending with `config: {json}`), then
+body lines: `step:N/T train_time:…ms …`, `step:N/T val_loss:… …`, notes such as
+`warmup:`/`peak memory:`, and finally `final: …` or, after a crash, `error: …`.
+Every line is flushed as it is written, so a log may stop anywhere: the parser
+keeps whatever is there and `missing()` says what is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+# The script contains the unformatted template of this marker, which the pattern
+# cannot match because it demands a hex digest and a decimal size.
+MARKER = re.compile(rb"^==== end of script: sha256=([0-9a-f]{64}) bytes=(\d+) ====\r?$", re.MULTILINE)
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+)((?: \S+:\S+)*)\s*$")
+HEADER_LINE = re.compile(r"^([A-Za-z_][\w-]*): ?(.*)$")
+
+
+class LogError(ValueError):
+    """A file that is not a readable training log, or lacks what a command needs."""
+
+
+@dataclass
+class TrainStep:
+    step: int
+    total: int
+    train_time_ms: float | None
+    step_avg_ms: float | None
+    train_loss: float | None
+    extra: dict = field(default_factory=dict)  # eta, tokens/s, mfu, ...
+
+
+@dataclass
+class ValStep:
+    step: int
+    total: int
+    val_loss: float
+    train_time_ms: float | None
+    step_avg_ms: float | None
+
+
+@dataclass
+class RunLog:
+    path: str
+    script: bytes
+    script_sha256: str
+    header: dict = field(default_factory=dict)
+    config: dict | None = None
+    train_steps: list = field(default_factory=list)
+    val_steps: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # warmup:, peak memory:, checkpoint:, ...
+    unparsed: list = field(default_factory=list)  # step lines this parser cannot read
+    final_val_loss: float | None = None
+    final_train_time_ms: float | None = None
+    final_steps: int | None = None
+    error: str | None = None
+    problems: list = field(default_factory=list)  # damaged parts found while parsing
+
+    @property
+    def finished(self) -> bool:
+        return self.final_val_loss is not None
+
+    @property
+    def run_id(self) -> str:
+        return self.header.get("run_id") or os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def command(self) -> str | None:
+        return self.header.get("command")
+
+    @property
+    def argv(self) -> list | None:
+        text = self.header.get("argv")
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return value if isinstance(value, list) and all(isinstance(a, str) for a in value) else None
+
+    @property
+    def device(self) -> str | None:
+        return self.header.get("device")
+
+    @property
+    def world_size(self) -> int | None:
+        try:
+            return int(self.header["world_size"])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def target(self) -> float | None:
+        value = (self.config or {}).get("target_val_loss")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def seed(self):
+        return (self.config or {}).get("seed")
+
+    def missing(self) -> list[str]:
+        """Human-readable list of what a complete log has and this one lacks."""
+        out = list(self.problems)
+        for key in ("run_id", "command", "argv", "world_size", "device"):
+            if key not in self.header:
+                out.append(f"no '{key}:' header line")
+        if self.config is None and "config" not in self.header:
+            out.append("no 'config:' header line")
+        if self.unparsed:
+            out.append(f"{len(self.unparsed)} unreadable step line(s), e.g. {self.unparsed[0][:60]!r}")
+        if not self.train_steps:
+            out.append("no training step lines")
+        if not self.val_steps:
+            out.append("no validation lines")
+        if not self.finished:
+            reason = "no final line: the run did not finish"
+            if self.error:
+                reason += f" ({self.error})"
+            out.append(reason)
+        return out
+
+    def require_finished(self) -> None:
+        if not self.finished:
+            reason = f"error: {self.error}" if self.error else "the run did not finish"
+            raise LogError(f"{self.path}: no final line ({reason})")
+        if self.final_train_time_ms is None:
+            raise LogError(f"{self.path}: final line has no train_time_ms")
+
+
+def _number(text: str) -> float | None:
+    """`123ms` -> 123.0, `4.5%` -> 4.5, `nan` -> nan; None when not a number."""
+    match = re.match(r"^([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|nan|inf))", text)
+    return float(match.group(1)) if match else None
+
+
+def _fields(text: str) -> dict:
+    """`a:1 b:2ms` -> {"a": "1", "b": "2ms"}."""
+    out = {}
+    for token in text.split():
+        key, sep, value = token.partition(":")
+        if sep:
+            out[key] = value
+    return out
+
+
+def split_script(data: bytes, path: str) -> tuple[bytes, str, int]:
+    """Return (script bytes, sha256, offset of the first byte after the marker line)."""
+    for match in MARKER.finditer(data):
+        digest, size = match.group(1).decode(), int(match.group(2))
+        # The logger adds a newline only when the script does not end with one.
+        start = match.start()
+        if start not in (size, size + 1):
+            continue
+        script = data[:size]
+        if hashlib.sha256(script).hexdigest() == digest:
+            end = match.end()
+            if data[end:end + 1] == b"\n":
+                end += 1
+            return script, digest, end
+        raise LogError(f"{path}: embedded script does not match the sha256 in its end-of-script marker "
+                       "(the log was edited or damaged)")
+    raise LogError(f"{path}: not a training log: no valid '==== end of script: sha256=… bytes=… ====' marker")
+
+
+def parse_log_bytes(data: bytes, path: str = "<log>") -> RunLog:
+    script, digest, offset = split_script(data, path)
+    log = RunLog(path=path, script=script, script_sha256=digest)
+    text = data[offset:].decode("utf-8", errors="replace")
+    in_header = True
+    last_key = None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("error:"):
+            log.error = line[len("error:"):].strip()
+            in_header = False
+            continue
+        if in_header and last_key and line[:1].isspace():
+            log.header[last_key] += "\n" + line  # continuation, e.g. nvidia-smi output
+            continue
+        if line.startswith("step:") or line.startswith("final:"):
+            in_header = False
+        if in_header:
+            match = HEADER_LINE.match(line)
+            if match:
+                last_key, value = match.group(1), match.group(2)
+                log.header[last_key] = value
+                if last_key == "config":
+                    _parse_config(log, value)
+                    in_header = False  # config is the last header line
+                continue
+            in_header = False
+        _parse_body_line(log, line)
+    return log
+
+
+def _parse_config(log: RunLog, value: str) -> None:
+    try:
+        config = json.loads(value)
+    except json.JSONDecodeError:
+        log.problems.append("config line is not valid JSON (truncated?)")
+        return
+    if isinstance(config, dict):
+        log.config = config
+    else:
+        log.problems.append("config line is not a JSON object")
+
+
+def _parse_body_line(log: RunLog, line: str) -> None:
+    if line.startswith("final:"):
+        values = _fields(line[len("final:"):])
+        loss = _number(values.get("val_loss", ""))
+        if loss is None:
+            log.unparsed.append(line)
+            log.problems.append("final line has no val_loss")
+            return
+        log.final_val_loss = loss
+        log.final_train_time_ms = _number(values.get("train_time_ms", ""))
+        steps = _number(values.get("steps", ""))
+        log.final_steps = int(steps) if steps is not None and math.isfinite(steps) else None
+        return
+    if not line.startswith("step:"):
+        log.notes.append(line)
+        return
+    match = STEP_LINE.match(line)
+    if not match:
+        log.unparsed.append(line)  # e.g. a line cut short by a crash
+        return
+    step, total = int(match.group(1)), int(match.group(2))
+    values = _fields(match.group(3))
+    time_ms, avg_ms = _number(values.pop("train_time", "")), _number(values.pop("step_avg", ""))
+    if "val_loss" in values:
+        loss = _number(values["val_loss"])
+        if loss is None:
+            log.unparsed.append(line)
+            return
+        log.val_steps.append(ValStep(step, total, loss, time_ms, avg_ms))
+    else:
+        loss = _number(values.pop("train_loss", ""))
+        log.train_steps.append(TrainStep(step, total, time_ms, avg_ms, loss, values))
+
+
+def parse_log(path: str) -> RunLog:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_log_bytes(data, path)
+
+
+def script_bytes(path: str) -> bytes:
+    """The script a path stands for: a log's embedded script, a record folder's or a .py file's bytes."""
+    if os.path.isdir(path):
+        script = os.path.join(path, "train_gpt.py")
+        if not os.path.isfile(script):
+            raise LogError(f"{path}: record folder has no train_gpt.py")
+        path = script
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror or e}") from None
+    if path.endswith(".py"):
+        return data
+    return split_script(data, path)[0]
+
+
+def log_paths(source: str) -> list[str]:
+    """A record folder stands for its logs (`*.txt`); a file stands for itself."""
+    if os.path.isdir(source):
+        paths = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".txt"))
+        if not paths:
+            raise LogError(f"{source}: no .txt logs in this folder")
+        return paths
+    if not os.path.exists(source):
+        raise LogError(f"{source}: no such file or folder")
+    return [source]
+
+
+def load_runs(sources: list[str], require_finished: bool = True) -> list[RunLog]:
+    runs = [parse_log(p) for s in sources for p in log_paths(s)]
+    if require_finished:
+        for run in runs:
+            run.require_finished()
+    return runs
