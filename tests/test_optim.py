@@ -501,3 +501,76 @@ def test_muon_beats_sgd_on_ill_conditioned_matrix_regression():
     best_muon = min(final_loss(muon, lr) for lr in (0.03, 0.1, 0.3, 1.0))
     assert best_sgd < start  # SGD does learn
     assert best_muon < 0.5 * best_sgd, (start, best_sgd, best_muon)
+
+
+# --- world-size invariance over gloo ----------------------------------------------
+
+WORLD_CONFIGS = {"recipe": dict(muon_smoothing=0.2, snoo=True, snoo_every=3), "adamw": dict(optimizer="adamw")}
+WORLD_STEPS, WORLD_PAUSE = 6, (2, 2)
+
+
+def run_world_configs(rank, world_size):
+    results = {}
+    for name, overrides in WORLD_CONFIGS.items():
+        cfg = make_cfg(**overrides)
+        model = Toy()
+        opt = tg.OptimizerSet(model, cfg, rank, world_size)
+        train(model, opt, WORLD_STEPS, rank, world_size, pause_at=WORLD_PAUSE, cfg=cfg)
+        results[name] = {"params": params_of(model), "state": copy.deepcopy(opt.state_dict())}
+    return results
+
+
+def world_worker(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.save(run_world_configs(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory):
+    runs = {1: [run_world_configs(0, 1)]}
+    for world_size in (2, 4):
+        out = tmp_path_factory.mktemp(f"world{world_size}")
+        mp.spawn(world_worker, args=(world_size, free_port(), str(out)), nprocs=world_size, join=True)
+        runs[world_size] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return runs
+
+
+def gathered(per_rank, rows):
+    """The first `rows` rows of a state tensor held as whole copies or as row shards over ranks."""
+    return (per_rank[0] if per_rank[0].size(0) >= rows else torch.cat(per_rank))[:rows]
+
+
+# Relative to how far each weight moved. bf16 orthogonalisation turns rounding differences into
+# a few % (reordering micro-batches on ONE process does the same); the AdamW path is fp32 math.
+WORLD_TOLERANCE = {"recipe": 0.1, "adamw": 0.03}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("config", list(WORLD_CONFIGS))
+def test_same_training_for_any_world_size(world_runs, world_size, config):
+    single = world_runs[1][0][config]
+    ranks = [run[config] for run in world_runs[world_size]]
+    start = params_of(Toy())
+    for name, expected in single["params"].items():
+        for other in ranks[1:]:  # the all-gathers leave every rank with the same weights
+            assert torch.equal(other["params"][name], ranks[0]["params"][name]), name
+        moved = (expected.float() - start[name].float()).norm()
+        error = (ranks[0]["params"][name].float() - expected.float()).norm()
+        assert moved > 0 and error <= WORLD_TOLERANCE[config] * moved + 1e-4, (name, error / moved)
+    # Moments scale with the gradient, so they catch a sum-instead-of-average over ranks.
+    for m, member in enumerate(single["state"]["members"]):
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            for i, expected in enumerate(member.get(key, [])):
+                got = gathered([r["state"]["members"][m][key][i] for r in ranks], expected.size(0))
+                error, scale = (got.float() - expected.float()).norm(), expected.float().norm()
+                assert scale > 0 and error < 0.05 * scale, (key, i, error / scale)
