@@ -663,10 +663,11 @@ def all_gather_dim0(output: torch.Tensor, input: torch.Tensor):
 
 
 class PendingGather:
-    """An all-gather in flight and what to do with its result once it lands."""
+    """An all-gather in flight, what to do with its result once it lands, and the buffers it
+    reads or writes (kept referenced until then)."""
 
-    def __init__(self, work, finish=None):
-        self.work, self.finish = work, finish
+    def __init__(self, work, finish=None, buffers=()):
+        self.work, self.finish, self.buffers = work, finish, buffers
 
     def wait(self) -> None:
         self.work.wait()
@@ -865,9 +866,10 @@ class DistAdam:
         send = flat.new_zeros(slot.rows_per_rank, slot.cols)
         send[: slot.owned] = new
         if slot.padded_rows == slot.rows:
-            return PendingGather(all_gather_dim0(flat, send))
+            return PendingGather(all_gather_dim0(flat, send), buffers=(send,))
         gathered = flat.new_empty(slot.padded_rows, slot.cols)
-        return PendingGather(all_gather_dim0(gathered, send), lambda: flat.copy_(gathered[: slot.rows]))
+        return PendingGather(all_gather_dim0(gathered, send), lambda: flat.copy_(gathered[: slot.rows]),
+                             buffers=(send, gathered))
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "pause_remaining": self.pause_remaining,

@@ -72,7 +72,7 @@ def batch(step, slices=4, rows=2):
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=None, cfg=None):
+def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=None, cfg=None, before_step=None):
     """The training loop's protocol: this rank's consecutive micro-batches, loss/num_micro."""
     cfg = cfg or make_cfg()
     for step in range(start, start + steps):
@@ -83,6 +83,8 @@ def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=N
         for i, (inputs, targets) in enumerate(mine):
             opt.prepare_backward(step, last_micro_step=i == len(mine) - 1)
             (model(inputs, targets) / len(mine)).backward()
+        if before_step is not None:
+            before_step(step)
         opt.step(step, tg.lr_multiplier_at(step, cfg), tg.muon_momentum_at(step, cfg))
 
 
@@ -515,8 +517,12 @@ def run_world_configs(rank, world_size):
         cfg = make_cfg(**overrides)
         model = Toy()
         opt = tg.OptimizerSet(model, cfg, rank, world_size)
-        train(model, opt, WORLD_STEPS, rank, world_size, pause_at=WORLD_PAUSE, cfg=cfg)
-        results[name] = {"params": params_of(model), "state": copy.deepcopy(opt.state_dict())}
+        launched = []  # which groups' hooks started communication during backward, per step
+        def record(step):
+            launched.append([[slot.launched for slot in m.slots] if isinstance(m, tg.DistAdam)
+                             else [g.launched for g in m.groups] for m in opt.members])
+        train(model, opt, WORLD_STEPS, rank, world_size, pause_at=WORLD_PAUSE, cfg=cfg, before_step=record)
+        results[name] = {"params": params_of(model), "state": copy.deepcopy(opt.state_dict()), "launched": launched}
     return results
 
 
@@ -574,3 +580,17 @@ def test_same_training_for_any_world_size(world_runs, world_size, config):
                 got = gathered([r["state"]["members"][m][key][i] for r in ranks], expected.size(0))
                 error, scale = (got.float() - expected.float()).norm(), expected.float().norm()
                 assert scale > 0 and error < 0.05 * scale, (key, i, error / scale)
+
+
+def test_hooks_launch_communication_during_the_last_backward(world_runs):
+    """Adam groups only on their stepping (odd) steps and not while paused; Muon every step."""
+    assert not any(any(any(flags) for flags in step) for step in world_runs[1][0]["recipe"]["launched"])
+    paused = range(WORLD_PAUSE[0], WORLD_PAUSE[0] + WORLD_PAUSE[1])
+    for world_size in (2, 4):
+        for run in world_runs[world_size]:
+            for step, (adam, scalar, muon) in enumerate(run["recipe"]["launched"]):
+                assert all(adam) == (step % 2 == 1) and any(adam) == all(adam)
+                assert scalar == [step % 2 == 1 and step not in paused]
+                assert all(muon)
+            for step, (everything,) in enumerate(run["adamw"]["launched"]):
+                assert all(everything)
