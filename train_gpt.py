@@ -112,8 +112,44 @@ class Config:
     # --- end model -----------------------------------------------------------
 
     # --- optimisers ----------------------------------------------------------
-    optimizer: str = "normuon"  # normuon | adamw (plain AdamW-on-everything baseline)
-    # (optimiser fields: see sections 4-5)
+    optimizer: str = "normuon"  # normuon | muon (no variance reduction) | adamw (plain AdamW-on-everything baseline)
+    # Per-label multipliers "label:x,..." (labels not named: 1). Labels: see section 5.
+    lr_multipliers: str = "value_embed:75,smear_gate:0.01,x0_lambdas:5,scalars:5,mlp_proj:2"
+    wd_multipliers: str = "smear_gate:0,x0_lambdas:0,scalars:0"
+    # cautious: decay wd*lr*eff_lr only where update and weight share a sign (short record);
+    # decoupled: p *= 1 - wd*lr everywhere (classic AdamW, medium record)
+    wd_style: str = "cautious"
+    adam_lr: float = 0.008
+    adam_betas: tuple = (0.65, 0.95)
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.005
+    scalar_betas: tuple = (0.9, 0.99)  # the separate, pausable Adam on the `scalars` vector
+    adam_bf16_moments: bool = True  # moments stored in bf16, update math in fp32
+    # Adam research switches (SPEC 5); they apply to every Adam group, the adamw baseline too.
+    adam_bias_correction: bool = True
+    adam_moment_init: str = "zeros"  # zeros | first_grad (m0 = g0, v0 = g0^2)
+    adam_nested_ema: bool = False  # w -= lr * EMA_b1(g / (sqrt(EMA_b2(g^2)) + eps))
+    adam_eps_schedule: str = "constant"  # constant | linear | geometric: adam_eps -> adam_eps_end over num_iterations
+    adam_eps_end: float = 1e-8
+    muon_lr: float = 0.023
+    muon_wd: float = 1.2
+    normuon_beta2: float = 0.95
+    orthogonalizer: str = "polar_express"  # a key of ORTHOGONALIZERS (section 4)
+    orthogonalizer_steps: int = 5
+    # EMA update smoothing u <- s*u + (1-s)*O on the Muon update (0: off). With
+    # muon_smoothing_steps > 0, s moves linearly from muon_smoothing_start to muon_smoothing.
+    muon_smoothing: float = 0.0
+    muon_smoothing_start: float = 0.0
+    muon_smoothing_steps: int = 0
+    # The adamw baseline: one lr/betas/wd for every parameter, decoupled wd, every step.
+    adamw_lr: float = 0.0018
+    adamw_betas: tuple = (0.9, 0.95)
+    adamw_wd: float = 0.1
+    # Snoo outer optimiser: after inner steps 1, 1+K, 1+2K, ... pull a slow copy along with Nesterov momentum.
+    snoo: bool = False
+    snoo_every: int = 28
+    snoo_lr: float = 0.68
+    snoo_momentum: float = 0.37
     # --- end optimisers ------------------------------------------------------
 
     # --- schedules -----------------------------------------------------------
@@ -162,6 +198,12 @@ PRESETS: dict[str, dict] = {
         "softcap": "rational", "head_init_std": 0.0, "fp8_head": False,
         # end medium model
         # medium optimisers
+        # Adam: head 1/320, embeddings 0.3 (= 96x), scalars and x0 lambdas 0.015 (= 4.8x), no wd.
+        "adam_lr": 1 / 320, "adam_betas": (0.8, 0.95), "scalar_betas": (0.8, 0.95), "adam_eps": 1e-10, "adam_wd": 0.0,
+        "lr_multipliers": "embed:96,value_embed:96,scalars:4.8,x0_lambdas:4.8",
+        "optimizer": "muon", "muon_lr": 0.03, "muon_wd": 0.01, "wd_multipliers": "mlp_fc:2,mlp_proj:2",
+        "wd_style": "decoupled", "orthogonalizer": "newton_schulz_per_iteration", "muon_smoothing": 0.2,
+        "snoo": True, "snoo_every": 28, "snoo_lr": 0.68, "snoo_momentum": 0.37,
         # end medium optimisers
         # medium schedules
         "target_val_loss": 2.92, "max_seq_len": 65_536, "batch_slices": 8,
@@ -1148,6 +1190,649 @@ ORTHOGONALIZERS = {
 # 5. Optimisers
 # =============================================================================
 # (optimiser section)
+# Every parameter carries a string `label` (set by the model) that picks its
+# optimiser and its per-label lr/wd multipliers (cfg.lr_multipliers, cfg.wd_multipliers):
+#   Adam      lm_head, embed, value_embed, smear_gate, x0_lambdas
+#   scalar    scalars (its own Adam instance with its own betas; the one pause_scalars pauses)
+#   Muon      attn, attn_gate, mlp_fc, mlp_proj (orthogonalised over the last two dims)
+# Gradients are AVERAGED over ranks, so with the loop's division by the micro-step count
+# every world size sees the same gradient. Collectives start from post-accumulate-grad
+# hooks during the last backward of a step and are waited on in OptimizerSet.step().
+# World size 1 has no process group and no communication. Sums are reduced with SUM and
+# divided by the world size (gloo has no AVG).
+
+ADAM_LABELS = ("lm_head", "embed", "value_embed", "smear_gate", "x0_lambdas")
+SCALAR_LABELS = ("scalars",)
+MUON_LABELS = ("attn", "attn_gate", "mlp_fc", "mlp_proj")
+OPTIMIZER_LABELS = ADAM_LABELS + SCALAR_LABELS + MUON_LABELS
+ADAM_SHARD_MIN_NUMEL = 1024  # smaller Adam params are all-reduced and updated whole on every rank
+
+
+def parse_label_multipliers(text: str, field_name: str) -> dict[str, float]:
+    """'label:x,label:y' -> {label: x, ...}; labels not named get 1.0 from the caller."""
+    flag = "--" + field_name.replace("_", "-")
+    result = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        label, sep, value = (s.strip() for s in item.partition(":"))
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not math.isfinite(number) or number < 0:
+            raise ConfigError(f"{flag} {text!r}: expected 'label:number,...' with numbers >= 0, got {item!r}")
+        if label not in OPTIMIZER_LABELS:
+            raise ConfigError(f"{flag} {text!r}: unknown label {label!r}; labels are {', '.join(OPTIMIZER_LABELS)}")
+        result[label] = number
+    return result
+
+
+def check_optimizer_config(cfg: Config) -> None:
+    """One-line ConfigError naming the field for any optimiser setting that cannot work."""
+    def require(ok: bool, field_name: str, message: str):
+        if not ok:
+            raise ConfigError(f"--{field_name.replace('_', '-')} {getattr(cfg, field_name)!r}: {message}")
+    choices = {"optimizer": ("normuon", "muon", "adamw"), "wd_style": ("cautious", "decoupled"),
+               "adam_moment_init": ("zeros", "first_grad"), "adam_eps_schedule": ("constant", "linear", "geometric"),
+               "orthogonalizer": tuple(ORTHOGONALIZERS)}
+    for name, allowed in choices.items():
+        require(getattr(cfg, name) in allowed, name, "choose one of " + ", ".join(allowed))
+    for name in ("adam_betas", "scalar_betas", "adamw_betas"):
+        betas = getattr(cfg, name)
+        require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), name, "expects two betas in [0, 1)")
+    for name in ("adam_lr", "muon_lr", "adamw_lr", "adam_eps", "snoo_lr"):
+        require(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("adam_wd", "muon_wd", "adamw_wd", "muon_smoothing_steps"):
+        require(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for name in ("normuon_beta2", "muon_smoothing", "muon_smoothing_start", "snoo_momentum"):
+        require(0.0 <= getattr(cfg, name) < 1.0, name, "must be in [0, 1)")
+    require(cfg.adam_eps_schedule == "constant" or cfg.adam_eps_end > 0, "adam_eps_end", "must be > 0")
+    require(cfg.orthogonalizer_steps >= 1, "orthogonalizer_steps", "must be >= 1")
+    require(cfg.snoo_every >= 1, "snoo_every", "must be >= 1")
+    require(cfg.adam_every >= 1, "adam_every", "must be >= 1")
+    parse_label_multipliers(cfg.lr_multipliers, "lr_multipliers")
+    parse_label_multipliers(cfg.wd_multipliers, "wd_multipliers")
+
+
+def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor):
+    """Async reduce-scatter (SUM) along dim 0; newer torch renamed the call."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, op=dist.ReduceOp.SUM, async_op=True)
+
+
+def all_gather_dim0(output: torch.Tensor, input: torch.Tensor):
+    """Async all-gather along dim 0."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, async_op=True)
+
+
+class PendingGather:
+    """An all-gather in flight, what to do with its result once it lands, and the buffers it
+    reads or writes (kept referenced until then)."""
+
+    def __init__(self, work, finish=None, buffers=()):
+        self.work, self.finish, self.buffers = work, finish, buffers
+
+    def wait(self) -> None:
+        self.work.wait()
+        if self.finish is not None:
+            self.finish()
+
+
+def weight_decay_per_step(style: str, wd: float, lr_t: float, eff_lr):
+    """cautious: wd * lr_t * eff_lr (scales with the square of the schedule); decoupled: wd * lr_t."""
+    return wd * lr_t * eff_lr if style == "cautious" else wd * lr_t
+
+
+def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, cautious: bool) -> torch.Tensor:
+    """param - decay*param - eff_lr*direction (fp32). Cautious: decay only where direction and
+    param have the same sign, i.e. where the update already pulls the weight towards zero."""
+    shrink = param * decay
+    if cautious:
+        shrink = shrink * ((direction * param) > 0)
+    return param - shrink - eff_lr * direction
+
+
+# --- Adam ---------------------------------------------------------------------
+
+
+@dataclass
+class AdamSettings:
+    lr: float
+    betas: tuple
+    eps: float
+    weight_decay: float
+    wd_style: str = "cautious"
+    every: int = 1  # step every N-th step, on the sum of those steps' gradients
+    bias_correction: bool = True
+    moment_init: str = "zeros"
+    nested_ema: bool = False
+    eps_schedule: str = "constant"
+    eps_end: float = 1e-8
+    schedule_steps: int = 1  # the epsilon schedule runs over this many steps
+    bf16_moments: bool = True
+
+    def eps_at(self, step: int) -> float:
+        """Epsilon grows over training (a decaying step size): linear, or geometric in log space."""
+        x = min(step / max(self.schedule_steps, 1), 1.0)
+        if self.eps_schedule == "linear":
+            return self.eps + (self.eps_end - self.eps) * x
+        if self.eps_schedule == "geometric":
+            return self.eps * (self.eps_end / self.eps) ** x
+        return self.eps
+
+
+def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int,
+                   s: AdamSettings, eps: float) -> torch.Tensor:
+    """The Adam update direction for one tensor (fp32 math); t = 1 on the first update.
+    Updates the moment buffers (stored in any dtype) in place."""
+    beta1, beta2 = s.betas
+    first = t == 1 and s.moment_init == "first_grad"
+    m, v = exp_avg.float(), exp_avg_sq.float()
+    v = grad.square() if first else v.lerp_(grad.square(), 1 - beta2)
+    v_hat = v / (1 - beta2**t) if s.bias_correction else v
+    # Nested EMA normalises first and then averages; standard Adam averages first.
+    target = grad / (v_hat.sqrt() + eps) if s.nested_ema else grad
+    m = target.clone() if first else m.lerp_(target, 1 - beta1)
+    m_hat = m / (1 - beta1**t) if s.bias_correction else m
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    return m_hat if s.nested_ema else m_hat / (v_hat.sqrt() + eps)
+
+
+class AdamSlot:
+    """One Adam parameter: its shard geometry (rows of dim 0) and its moment buffers."""
+
+    def __init__(self, name: str, param: torch.Tensor, lr_mult: float, wd_mult: float, settings: AdamSettings,
+                 rank: int, world_size: int):
+        if not param.is_contiguous():
+            raise ValueError(f"parameter {name!r} must be contiguous for DistAdam")
+        self.name, self.param, self.lr_mult, self.wd_mult = name, param, lr_mult, wd_mult
+        self.rows = param.size(0) if param.ndim > 0 else 1
+        self.cols = param.numel() // max(self.rows, 1)
+        self.world_size = world_size
+        self.sharded = world_size > 1 and param.numel() >= ADAM_SHARD_MIN_NUMEL
+        if self.sharded:
+            self.rows_per_rank = -(-self.rows // world_size)
+            self.padded_rows = self.rows_per_rank * world_size
+            self.start = min(rank * self.rows_per_rank, self.rows)
+            self.owned = min(self.rows, self.start + self.rows_per_rank) - self.start
+        else:
+            self.rows_per_rank, self.padded_rows, self.start, self.owned = self.rows, self.rows, 0, self.rows
+        moment_dtype = torch.bfloat16 if settings.bf16_moments else torch.float32
+        self.exp_avg = torch.zeros(self.rows_per_rank, self.cols, dtype=moment_dtype, device=param.device)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self.work = None  # reduction in flight
+        self.grad_sent = self.grad_shard = None
+        self.launched = False
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.rows, self.cols)
+
+    def launch(self) -> None:
+        """Start averaging this param's gradient over ranks (no-op on one rank)."""
+        self.launched = True
+        p = self.param
+        if p.grad is None:  # an unused parameter this step: contributes zeros
+            p.grad = torch.zeros_like(p)
+        if self.world_size == 1:
+            return
+        if not self.sharded:
+            self.work = dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True)
+            return
+        grad = self.flat(p.grad)
+        if self.padded_rows > self.rows:
+            padded = grad.new_zeros(self.padded_rows, self.cols)
+            padded[: self.rows] = grad
+            grad = padded
+        self.grad_sent = grad  # kept alive until the reduction completes
+        self.grad_shard = grad.new_empty(self.rows_per_rank, self.cols)
+        self.work = reduce_scatter_sum(self.grad_shard, grad)
+
+    def averaged_grad(self) -> torch.Tensor:
+        """This rank's rows of the rank-averaged gradient, fp32."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        grad = self.grad_shard[: self.owned] if self.sharded else self.flat(self.param.grad)
+        grad = grad.float()
+        return grad / self.world_size if self.world_size > 1 else grad
+
+    def release(self) -> None:
+        self.param.grad = None
+        self.launched = False
+        self.grad_sent = self.grad_shard = None
+
+
+class DistAdam:
+    """Adam over labelled params. Large params are reduce-scattered along dim 0 so each rank
+    updates only its rows, then all-gathered; small ones are all-reduced and updated whole.
+    Steps every `settings.every`-th step (gradients keep accumulating in between), and can be
+    paused: while paused, gradients are dropped and the moments left untouched."""
+
+    def __init__(self, entries: list, settings: AdamSettings, rank: int, world_size: int):
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.slots = [AdamSlot(name, p, lr_mult, wd_mult, settings, rank, world_size)
+                      for name, p, lr_mult, wd_mult in entries]
+        self.slot_of = {id(slot.param): slot for slot in self.slots}
+        self.updates = 0  # Adam's t: number of updates applied
+        self.pause_remaining = 0
+        self.armed = False
+
+    def params(self) -> list:
+        return [slot.param for slot in self.slots]
+
+    def steps_at(self, step: int) -> bool:
+        return self.pause_remaining == 0 and step % self.settings.every == self.settings.every - 1
+
+    def pause(self, steps: int) -> None:
+        self.pause_remaining = max(steps, 0)
+
+    def on_grad_ready(self, param: torch.Tensor) -> None:
+        if self.armed:
+            slot = self.slot_of[id(param)]
+            if not slot.launched:
+                slot.launch()
+
+    def step(self, step: int, lr_multiplier: float, momentum: float) -> list:
+        self.armed = False
+        if self.pause_remaining > 0:
+            self.pause_remaining -= 1
+            for slot in self.slots:
+                slot.release()
+            return []
+        if not self.steps_at(step):
+            return []  # keep accumulating gradients
+        for slot in self.slots:  # anything the hooks did not start (one rank, or no hook fired)
+            if not slot.launched:
+                slot.launch()
+        self.updates += 1
+        s = self.settings
+        lr_t, eps = s.lr * lr_multiplier, s.eps_at(step)
+        pending = [self.update_slot(slot, lr_t, eps) for slot in self.slots]
+        for slot in self.slots:
+            slot.release()
+        return [p for p in pending if p is not None]
+
+    def update_slot(self, slot: AdamSlot, lr_t: float, eps: float):
+        s = self.settings
+        grad = slot.averaged_grad()
+        rows = slice(0, slot.owned)
+        direction = adam_direction(grad, slot.exp_avg[rows], slot.exp_avg_sq[rows], self.updates, s, eps)
+        eff_lr = lr_t * slot.lr_mult
+        decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_t, eff_lr)
+        flat = slot.flat(slot.param.data)
+        owned = flat[slot.start: slot.start + slot.owned]
+        new = decayed_step(owned.float(), direction, eff_lr, decay, s.wd_style == "cautious")
+        if not slot.sharded:
+            owned.copy_(new)
+            return None
+        send = flat.new_zeros(slot.rows_per_rank, slot.cols)
+        send[: slot.owned] = new
+        if slot.padded_rows == slot.rows:
+            return PendingGather(all_gather_dim0(flat, send), buffers=(send,))
+        gathered = flat.new_empty(slot.padded_rows, slot.cols)
+        return PendingGather(all_gather_dim0(gathered, send), lambda: flat.copy_(gathered[: slot.rows]),
+                             buffers=(send, gathered))
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "pause_remaining": self.pause_remaining,
+                "exp_avg": [slot.exp_avg for slot in self.slots],
+                "exp_avg_sq": [slot.exp_avg_sq for slot in self.slots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.pause_remaining = state["updates"], state["pause_remaining"]
+        for slot, m, v in zip(self.slots, state["exp_avg"], state["exp_avg_sq"], strict=True):
+            slot.exp_avg.copy_(m)
+            slot.exp_avg_sq.copy_(v)
+            slot.launched, slot.work = False, None
+        self.armed = False
+
+
+# --- Muon / NorMuon -------------------------------------------------------------
+
+
+@dataclass
+class MuonSettings:
+    lr: float
+    weight_decay: float
+    orthogonalize: object  # ORTHOGONALIZERS entry, called as (G, steps)
+    orthogonalize_steps: int = 5
+    wd_style: str = "cautious"
+    variance_reduction: bool = True  # NorMuon
+    beta2: float = 0.95
+    smoothing: float = 0.0
+    smoothing_start: float = 0.0
+    smoothing_steps: int = 0
+
+    def smoothing_at(self, step: int) -> float:
+        if self.smoothing_steps <= 0:
+            return self.smoothing
+        x = min(step / self.smoothing_steps, 1.0)
+        return self.smoothing_start + (self.smoothing - self.smoothing_start) * x
+
+    @property
+    def smoothing_enabled(self) -> bool:
+        return self.smoothing > 0 or (self.smoothing_steps > 0 and self.smoothing_start > 0)
+
+
+def nesterov_input(grad: torch.Tensor, momentum_buffer: torch.Tensor, momentum: float) -> torch.Tensor:
+    """buffer <- lerp(buffer, g, 1 - mu); returns lerp(g, buffer, mu), the input to orthogonalise."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    return grad.lerp(momentum_buffer, momentum)
+
+
+def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon: EMA (beta2) of the mean square along the shorter axis (per row when rows >= cols,
+    per column otherwise), divide by its sqrt, and rescale to keep each matrix's Frobenius norm."""
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    second_moment.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp_min(1e-10).rsqrt()
+    norm_before = update.norm(dim=(-2, -1), keepdim=True)
+    norm_after = scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    return scaled * (norm_before / norm_after)
+
+
+class MuonShapeGroup:
+    """All matrices of one (rows, cols) shape, stacked and padded to a multiple of the world
+    size; this rank owns the contiguous chunk [start, start + chunk) of the stack."""
+
+    def __init__(self, shape: tuple, entries: list, settings: MuonSettings, rank: int, world_size: int):
+        self.rows, self.cols = shape
+        self.world_size = world_size
+        self.params, self.segments = [], []  # segments: (param, first, end) index range in the stack
+        lr_scales, wd_mults = [], []
+        shape_scale = math.sqrt(max(1.0, self.rows / self.cols))
+        for _, p, lr_mult, wd_mult in entries:
+            first = sum(end - begin for _, begin, end in self.segments)
+            count = p.numel() // (self.rows * self.cols)
+            self.params.append(p)
+            self.segments.append((p, first, first + count))
+            lr_scales += [shape_scale * lr_mult] * count
+            wd_mults += [wd_mult] * count
+        self.count = len(lr_scales)
+        self.chunk = -(-self.count // world_size)
+        self.start = rank * self.chunk
+        device = self.params[0].device
+        owned = slice(self.start, self.start + self.chunk)
+        pad = [0.0] * (self.chunk * world_size - self.count)
+        self.lr_scale = torch.tensor(lr_scales + pad, device=device)[owned].view(-1, 1, 1)
+        self.wd_mult = torch.tensor(wd_mults + pad, device=device)[owned].view(-1, 1, 1)
+        matrix = (self.chunk, self.rows, self.cols)
+        self.grad_chunk = torch.zeros(matrix, device=device)
+        self.param_chunk = torch.zeros(matrix, device=device)
+        # With several ranks, full-size stacks to reduce-scatter from and all-gather into.
+        full = (self.chunk * world_size, self.rows, self.cols)
+        self.grad_full = torch.zeros(full, device=device) if world_size > 1 else self.grad_chunk
+        self.param_full = torch.zeros(full, device=device) if world_size > 1 else self.param_chunk
+        self.momentum_buffer = torch.zeros(matrix, device=device)
+        row_axis = self.rows >= self.cols
+        self.second_moment = (torch.zeros(self.chunk, self.rows if row_axis else 1, 1 if row_axis else self.cols,
+                                          device=device) if settings.variance_reduction else None)
+        self.smoothed = torch.zeros(matrix, device=device) if settings.smoothing_enabled else None
+        self.arrived = 0
+        self.launched = False
+        self.work = None
+
+    def matrices(self, p: torch.Tensor) -> torch.Tensor:
+        return p.view(-1, self.rows, self.cols)
+
+    def owned_part(self, first: int, end: int):
+        """The part of stack range [first, end) this rank owns, as (lo, hi) in stack indices."""
+        return max(first, self.start), min(end, self.start + self.chunk)
+
+    def launch(self) -> None:
+        """Stack the gradients and start the reduce-scatter (on one rank: just stack)."""
+        self.launched = True
+        for p, first, end in self.segments:
+            if p.grad is None:
+                self.grad_full[first:end].zero_()
+            else:
+                self.grad_full[first:end].copy_(self.matrices(p.grad))
+        if self.world_size > 1:
+            self.work = reduce_scatter_sum(self.grad_chunk, self.grad_full)
+
+    def averaged_grad(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.grad_chunk / self.world_size if self.world_size > 1 else self.grad_chunk
+
+    def load_owned_params(self) -> torch.Tensor:
+        for p, first, end in self.segments:
+            lo, hi = self.owned_part(first, end)
+            if lo < hi:
+                self.param_chunk[lo - self.start: hi - self.start].copy_(self.matrices(p.data)[lo - first: hi - first])
+        return self.param_chunk
+
+    def store_params(self) -> None:
+        """Write the (gathered) stack back into the parameters."""
+        for p, first, end in self.segments:
+            self.matrices(p.data).copy_(self.param_full[first:end])
+
+    def release(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.arrived, self.launched = 0, False
+
+
+class Muon:
+    """Muon / NorMuon over labelled matrix params (any leading dims are a batch of matrices).
+    Per step: Nesterov momentum, orthogonalise, optional NorMuon variance reduction, optional
+    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u.
+    Distributed by shape: reduce-scatter the stacked gradients, update the owned chunk as one
+    batch, all-gather the new weights."""
+
+    def __init__(self, entries: list, settings: MuonSettings, rank: int, world_size: int):
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        by_shape: dict[tuple, list] = {}
+        for entry in entries:
+            p = entry[1]
+            if p.ndim < 2:
+                raise ValueError(f"parameter {entry[0]!r} (label {p.label!r}) is not a matrix: shape {tuple(p.shape)}")
+            by_shape.setdefault(tuple(p.shape[-2:]), []).append(entry)
+        self.groups = [MuonShapeGroup(shape, group, settings, rank, world_size) for shape, group in by_shape.items()]
+        self.group_of = {id(p): g for g in self.groups for p in g.params}
+        self.armed = False
+
+    def params(self) -> list:
+        return [p for g in self.groups for p in g.params]
+
+    def steps_at(self, step: int) -> bool:
+        return True
+
+    def on_grad_ready(self, param: torch.Tensor) -> None:
+        if self.armed:
+            group = self.group_of[id(param)]
+            group.arrived += 1
+            if group.arrived == len(group.params) and not group.launched:
+                group.launch()
+
+    def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
+        s = self.settings
+        update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps).float()
+        if group.second_moment is not None:
+            update = normuon_rescale(update, group.second_moment, s.beta2)
+        if group.smoothed is not None:  # zero-initialised, no bias correction
+            group.smoothed.mul_(smoothing).add_(update, alpha=1 - smoothing)
+            update = group.smoothed
+        return update
+
+    def step(self, step: int, lr_multiplier: float, momentum: float) -> list:
+        self.armed = False
+        s = self.settings
+        lr_t, smoothing = s.lr * lr_multiplier, s.smoothing_at(step)
+        pending = []
+        for group in self.groups:
+            if not group.launched:
+                group.launch()
+        for group in self.groups:
+            direction = self.direction(group, group.averaged_grad(), momentum, smoothing)
+            eff_lr = lr_t * group.lr_scale
+            decay = group.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_t, eff_lr)
+            params = group.load_owned_params()
+            params.copy_(decayed_step(params, direction, eff_lr, decay, s.wd_style == "cautious"))
+            group.release()
+            if self.world_size == 1:
+                group.store_params()
+            else:
+                pending.append(PendingGather(all_gather_dim0(group.param_full, group.param_chunk), group.store_params))
+        return pending
+
+    def state_dict(self) -> dict:
+        return {"momentum_buffer": [g.momentum_buffer for g in self.groups],
+                "second_moment": [g.second_moment for g in self.groups],
+                "smoothed": [g.smoothed for g in self.groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, group in enumerate(self.groups):
+            for name in ("momentum_buffer", "second_moment", "smoothed"):
+                mine, saved = getattr(group, name), state[name][i]
+                if (mine is None) != (saved is None):
+                    raise ValueError(f"optimiser state mismatch in Muon {name}: saved with other settings")
+                if mine is not None:
+                    mine.copy_(saved)
+            group.arrived, group.launched, group.work = 0, False, None
+        self.armed = False
+
+
+# --- Snoo ---------------------------------------------------------------------
+
+
+class Snoo:
+    """Step-K Nesterov outer optimiser (Kallusky et al. 2025) around any inner optimiser.
+    After inner steps 1, 1+K, 1+2K, ...: delta = slow - current; b <- mu*b + delta;
+    slow <- slow - lr*(delta + mu*b); current <- slow. Slow copy and b are fp32; the same on
+    every rank, so no communication."""
+
+    def __init__(self, params: list, lr: float, momentum: float, every: int):
+        self.params, self.lr, self.momentum, self.every = list(params), lr, momentum, every
+        self.slow = [p.detach().float().clone() for p in self.params]
+        self.outer_momentum = [torch.zeros_like(s) for s in self.slow]  # b; mu*0 + delta starts it at delta
+        self.inner_steps = 0
+
+    @torch.no_grad()
+    def after_inner_step(self) -> None:
+        self.inner_steps += 1
+        if (self.inner_steps - 1) % self.every:
+            return
+        for p, slow, b in zip(self.params, self.slow, self.outer_momentum):
+            delta = slow - p.float()
+            b.mul_(self.momentum).add_(delta)
+            slow.sub_(delta.add_(b, alpha=self.momentum), alpha=self.lr)
+            p.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"inner_steps": self.inner_steps, "slow": self.slow, "outer_momentum": self.outer_momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner_steps = state["inner_steps"]
+        for mine, saved in zip(self.slow + self.outer_momentum, state["slow"] + state["outer_momentum"], strict=True):
+            mine.copy_(saved)
+
+
+# --- the optimiser set used by the training loop ----------------------------------
+
+
+def labelled_parameters(model: nn.Module) -> list:
+    """(name, param, label) for every trainable parameter; a missing or unknown label is an error."""
+    result = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        label = getattr(p, "label", None)
+        if label not in OPTIMIZER_LABELS:
+            raise ValueError(f"parameter {name!r} has optimiser label {label!r}; every parameter needs a "
+                             f"`label` attribute, one of: {', '.join(OPTIMIZER_LABELS)}")
+        result.append((name, p, label))
+    return result
+
+
+class OptimizerSet:
+    """Every optimiser of a run behind the interface the training loop uses (section 9):
+    prepare_backward / step / pause_scalars / state_dict / load_state_dict. It owns gradient
+    zeroing: a group's gradients are set to None once it has stepped (or dropped them)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, rank: int, world_size: int):
+        check_optimizer_config(cfg)
+        self.world_size = world_size
+        named = labelled_parameters(model)
+        self.params = [p for _, p, _ in named]
+        adam_options = dict(eps=cfg.adam_eps, bias_correction=cfg.adam_bias_correction,
+                            moment_init=cfg.adam_moment_init, nested_ema=cfg.adam_nested_ema,
+                            eps_schedule=cfg.adam_eps_schedule, eps_end=cfg.adam_eps_end,
+                            schedule_steps=cfg.num_iterations, bf16_moments=cfg.adam_bf16_moments)
+        self.scalar_adam = None
+        if cfg.optimizer == "adamw":
+            settings = AdamSettings(lr=cfg.adamw_lr, betas=cfg.adamw_betas, weight_decay=cfg.adamw_wd,
+                                    wd_style="decoupled", every=1, **adam_options)
+            self.members = [DistAdam([(n, p, 1.0, 1.0) for n, p, _ in named], settings, rank, world_size)]
+        else:
+            lr_mults = parse_label_multipliers(cfg.lr_multipliers, "lr_multipliers")
+            wd_mults = parse_label_multipliers(cfg.wd_multipliers, "wd_multipliers")
+            def entries(labels):
+                return [(n, p, lr_mults.get(label, 1.0), wd_mults.get(label, 1.0))
+                        for n, p, label in named if label in labels]
+            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every, **adam_options)
+            # Adam first: the head's gradient is the first to be ready in backward.
+            self.members = []
+            if entries(ADAM_LABELS):
+                self.members.append(DistAdam(entries(ADAM_LABELS), AdamSettings(
+                    lr=cfg.adam_lr, betas=cfg.adam_betas, **common), rank, world_size))
+            if entries(SCALAR_LABELS):
+                self.scalar_adam = DistAdam(entries(SCALAR_LABELS), AdamSettings(
+                    lr=cfg.adam_lr, betas=cfg.scalar_betas, **common), rank, world_size)
+                self.members.append(self.scalar_adam)
+            if entries(MUON_LABELS):
+                self.members.append(Muon(entries(MUON_LABELS), MuonSettings(
+                    lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
+                    orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
+                    variance_reduction=cfg.optimizer == "normuon", beta2=cfg.normuon_beta2,
+                    smoothing=cfg.muon_smoothing, smoothing_start=cfg.muon_smoothing_start,
+                    smoothing_steps=cfg.muon_smoothing_steps), rank, world_size))
+        self.snoo = Snoo(self.params, cfg.snoo_lr, cfg.snoo_momentum, cfg.snoo_every) if cfg.snoo else None
+        if world_size > 1:  # start each group's communication as soon as its last gradient is ready
+            for member in self.members:
+                for p in member.params():
+                    p.register_post_accumulate_grad_hook(member.on_grad_ready)
+
+    def prepare_backward(self, step: int, last_micro_step: bool) -> None:
+        """Arm the gradient hooks of the groups that step at `step` for the coming backward."""
+        for member in self.members:
+            member.armed = self.world_size > 1 and last_micro_step and member.steps_at(step)
+
+    @torch.no_grad()
+    def step(self, step: int, lr_multiplier: float, momentum: float) -> None:
+        pending = []
+        for member in self.members:
+            pending += member.step(step, lr_multiplier, momentum)
+        for gather in pending:
+            gather.wait()
+        if self.snoo is not None:
+            self.snoo.after_inner_step()
+
+    def pause_scalars(self, steps: int) -> None:
+        """Drop the scalar group's gradients for the next `steps` steps, keeping its moments."""
+        if self.scalar_adam is not None:
+            self.scalar_adam.pause(steps)
+
+    def state_dict(self) -> dict:
+        """Every buffer and counter (references: deepcopy or save it to keep it). Gradients still
+        accumulating for a group that steps every N steps are included so a resume is exact."""
+        return {"members": [m.state_dict() for m in self.members],
+                "snoo": self.snoo.state_dict() if self.snoo is not None else None,
+                "grads": [p.grad for p in self.params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["members"]) != len(self.members) or (state["snoo"] is None) != (self.snoo is None):
+            raise ValueError("optimiser state was saved with a different optimiser configuration")
+        for member, saved in zip(self.members, state["members"]):
+            member.load_state_dict(saved)
+        if self.snoo is not None:
+            self.snoo.load_state_dict(state["snoo"])
+        for p, grad in zip(self.params, state["grads"], strict=True):
+            p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype, copy=True)
 # --- end optimiser section ---
 
 
