@@ -1996,7 +1996,7 @@ def write_log_header(log: RunLogger, cfg: Config, argv: list[str], world_size: i
 
 def matmul_flops_per_token(model: nn.Module, cfg: Config, long_window: int) -> float:
     """Training FLOPs per token: 6 per matrix weight, plus attention scores/values over the window."""
-    matrix = sum(p.numel() for p in model.parameters() if p.ndim == 2 and getattr(p, "label", "") != "embed"
+    matrix = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and getattr(p, "label", "") != "embed"
                  and getattr(p, "label", "") != "value_embed")
     attn_layers = sum(1 for c in getattr(cfg, "window_pattern", "L" * cfg.num_layers) if c in "SL")
     mean_keys = min(long_window, cfg.max_seq_len) * 0.75 / 2  # mix of short and long windows, causal half
