@@ -224,12 +224,13 @@ PRESETS: dict[str, dict] = {
         # end cpu optimisers
         # cpu schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
-        "repeat_data": True, "target_val_loss": 5.0, "max_seq_len": 512, "batch_slices": 2,
-        "num_iterations": 300, "extension_iterations": 10,
-        "batch_tokens_stages": (2048, 4096, 6144), "batch_tokens_extension": 6144,
-        "long_window_blocks_stages": (1, 2, 3), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 4,
-        "momentum_warmup_steps": 50, "momentum_cooldown_steps": 10, "scalar_pause_steps": 10,
-        "val_tokens": 32_768, "val_batch_tokens": 8192, "val_every": 50, "warmup_steps": 0,
+        # The 50,304-wide logits dominate a CPU step, so batches are small.
+        "repeat_data": True, "target_val_loss": 5.0, "max_seq_len": 256, "batch_slices": 2,
+        "num_iterations": 150, "extension_iterations": 10, "window_block": 64,
+        "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
+        "long_window_blocks_stages": (2, 3, 4), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 6,
+        "momentum_warmup_steps": 30, "momentum_cooldown_steps": 10, "scalar_pause_steps": 10,
+        "val_tokens": 16_384, "val_batch_tokens": 4096, "val_every": 25, "warmup_steps": 0,
         # end cpu schedules
     },
     "test": {  # the smallest model of the same architecture, for the test suite
