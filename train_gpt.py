@@ -221,11 +221,12 @@ PRESETS: dict[str, dict] = {
         "window_pattern": "SLSNSL", "value_embed_pattern": "01..01", "skip_connections": "4<1", "backout_layer": 3,
         # end cpu model
         # cpu optimisers
+        "adamw_lr": 0.005,  # best of 0.002, 0.005, 0.01 for the adamw baseline on this preset
         # end cpu optimisers
         # cpu schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
         # The 50,304-wide logits dominate a CPU step, so batches are small.
-        "repeat_data": True, "target_val_loss": 5.0, "max_seq_len": 256, "batch_slices": 2,
+        "repeat_data": True, "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
         "num_iterations": 150, "extension_iterations": 10, "window_block": 64,
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (2, 3, 4), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 6,
