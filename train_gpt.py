@@ -2077,6 +2077,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         fail(f"--window-schedule {cfg.window_schedule!r}: choose stages or cubic")
     if cfg.adam_every < 1:
         fail("--adam-every must be >= 1")
+    check_model_config(cfg)
+    check_optimizer_config(cfg)
 
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:

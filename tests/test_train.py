@@ -136,6 +136,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_log(tmp_path, monkeypatch):
     (["--train-files", "nowhere/*.bin"], "error: no train files match 'nowhere/*.bin'"),
     (["--batch-slices", "3"], "error: batch of 512 tokens is not divisible into --batch-slices 3"),
     (["--preset", "galaxy"], "error: unknown preset 'galaxy'"),
+    (["--window-pattern", "SL"], "error: --window-pattern 'SL' needs one character per layer"),
+    (["--orthogonalizer", "qr"], "error: --orthogonalizer 'qr': choose one of"),
 ])
 def test_bad_input_fails_before_training_with_one_line(tmp_path, extra, message):
     result = subprocess.run([sys.executable, SCRIPT, "--preset", "test", "--log-dir", str(tmp_path), *extra],
