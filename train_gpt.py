@@ -2299,6 +2299,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         train(config_from_args(argv), argv)
+        if dist.is_initialized():
+            # Leave together: a gloo rank whose peer has already closed its sockets can abort.
+            dist.barrier()
     except (DataError, ConfigError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingDiverged) else 1
