@@ -870,12 +870,13 @@ class GPT(nn.Module):
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
         backend = resolve_attention_backend(cfg.attention_backend, tokens.device)
         x0 = self.input_embeddings(tokens, segments)
-        dtype = x0[0].dtype
+        # Looked up once: a table serves several layers (e.g. "12......012").
+        value_embeds = [F.embedding(tokens, table) for table in self.value_embeds]
         resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
         skip_weights = self.scalar("skip").type_as(x0[0])
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
-        x0_lambdas = self.x0_lambdas.to(dtype)
+        x0_lambdas = self.x0_lambdas.type_as(x0[0])
         windows = {"L": long_window, "S": long_window // 2}
         saved, x = {}, x0[0]
         for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
@@ -885,7 +886,7 @@ class GPT(nn.Module):
             x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
             if block.attn is not None:
                 ve_index = cfg.value_embed_pattern[i]
-                value_embed = None if ve_index == "." else F.embedding(tokens, self.value_embeds[int(ve_index)])
+                value_embed = None if ve_index == "." else value_embeds[int(ve_index)]
                 x = x + block.attn(rms_norm(x), value_embed, segments, windows[kind], qkv_scale[i], out_scale[i],
                                    self.rotary, self.attn_scale, cfg.key_shift and kind == "L", backend)
             x = x + block.mlp(rms_norm(x))
