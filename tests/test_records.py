@@ -490,6 +490,7 @@ def test_reproduce_runs_the_record_script_from_the_repo_root(tmp_path, capsys):
     assert code == 2 and "run 1 failed with exit code 2" in err
 
 
+@pytest.mark.slow
 def test_round_trip_with_real_training(tmp_path, capsys):
     """train_gpt.py --preset test -> new -> reproduce -> compare. Needs the model and optimiser code."""
     first_logs = tmp_path / "first"

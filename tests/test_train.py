@@ -47,6 +47,7 @@ def single_and_pair(tmp_path_factory):
     return tmp, one, two
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_and_val_loss_falls(single_and_pair):
     _, _, (text, val, train) = single_and_pair
     steps = sorted(val)
@@ -55,6 +56,7 @@ def test_two_gloo_ranks_train_and_val_loss_falls(single_and_pair):
     assert "world_size: 2" in text and re.search(r"^final: val_loss:[\d.]+ train_time_ms:\d+ steps:14$", text, re.M)
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_give_the_same_losses(single_and_pair):
     _, (_, val1, train1), (_, val2, train2) = single_and_pair
     assert sorted(train1) == sorted(train2) == list(range(1, 15))
@@ -64,6 +66,7 @@ def test_one_and_two_ranks_give_the_same_losses(single_and_pair):
         assert val1[step] == pytest.approx(val2[step], abs=2e-2), step
 
 
+@pytest.mark.slow
 def test_log_starts_with_exact_script_bytes(single_and_pair):
     tmp, _, _ = single_and_pair
     raw = open(tmp / "one.txt", "rb").read()
@@ -78,6 +81,7 @@ def test_log_starts_with_exact_script_bytes(single_and_pair):
         assert key in header
 
 
+@pytest.mark.slow
 def test_multi_node_as_two_local_agents(single_and_pair, tmp_path):
     _, (_, val1, _), _ = single_and_pair
     port = free_port()
@@ -99,6 +103,7 @@ def in_process_config(tmp_path, run_id, *extra):
                                 "--checkpoint-dir", str(tmp_path / "ckpt"), *extra])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path):
     full = in_process_config(tmp_path, "full", "--checkpoint-every", "6")
     tg.train(full, [])
