@@ -57,7 +57,9 @@ class Config:
     log_dir: str = "logs"
     target_val_loss: float = 3.28
     device: str = "auto"  # auto | cuda | cpu
-    compile: bool = True  # torch.compile the model (CUDA only)
+    compile: bool = True  # torch.compile the model on CUDA
+    compile_cpu: bool = False  # also compile on CPU (slow start; checks the compiled path without a GPU)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager
 
     # --- data ----------------------------------------------------------------
     data: str = "fineweb"  # fineweb | synthetic
@@ -71,6 +73,8 @@ class Config:
     # so 1, 2, 4 or 8 ranks see exactly the same data.
     batch_slices: int = 8
     val_tokens: int = 10_485_760
+    # Validation reads val_batch_tokens/batch_slices tokens per forward at every world size
+    # (the record's per-GPU chunk on 8 GPUs): documents are cut only at those chunk ends.
     val_batch_tokens: int = 4 * 64 * 1024 * 8
 
     # --- model ---------------------------------------------------------------
@@ -174,7 +178,8 @@ class Config:
 
     # --- evaluation, logging, checkpoints -------------------------------------
     val_every: int = 250
-    log_every: int = 1
+    log_every: int = 1  # a step line (time, no host sync) every N steps
+    train_loss_every: int = 10  # ... with the train loss every N steps (reading it waits for the GPU)
     checkpoint_every: int = 0  # 0: never
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # a checkpoint directory written by --checkpoint-every
@@ -248,7 +253,7 @@ PRESETS: dict[str, dict] = {
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (1, 1, 2), "long_window_blocks_extension": 2, "long_window_blocks_final_val": 3,
         "momentum_warmup_steps": 4, "momentum_cooldown_steps": 2, "scalar_pause_steps": 2,
-        "val_tokens": 2048, "val_batch_tokens": 1024, "val_every": 5, "warmup_steps": 0,
+        "val_tokens": 2048, "val_batch_tokens": 1024, "val_every": 5, "warmup_steps": 0, "train_loss_every": 1,
         # end test schedules
     },
 }
@@ -518,23 +523,23 @@ class SyntheticLoader:
         self.step = state["step"]
 
 
-def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: int, batch_tokens: int,
+def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: int, chunk_tokens: int,
                        bos_id: int, device="cpu"):
-    """Yield this rank's micro-batches of the first val_tokens validation tokens, read sequentially.
+    """Yield this rank's chunks of the first val_tokens validation tokens, read sequentially.
 
-    Sequences are not BOS-aligned; cu_seqlens still splits at every BOS so attention
+    The tokens are cut into consecutive chunks of chunk_tokens (+1 target), one per forward;
+    rank r takes chunks r, r+W, r+2W, ..., so the chunks, and the loss, do not depend on the
+    world size. Chunks are not BOS-aligned; cu_seqlens still splits at every BOS so attention
     stays inside documents.
     """
-    if val_tokens % batch_tokens or batch_tokens % world_size:
-        raise DataError(f"val_tokens={val_tokens} must be a multiple of val_batch_tokens={batch_tokens}, "
-                        f"itself a multiple of the world size {world_size}")
+    if chunk_tokens <= 0 or val_tokens % chunk_tokens:
+        raise DataError(f"val_tokens={val_tokens} must be a multiple of the validation chunk of {chunk_tokens} "
+                        "tokens (val_batch_tokens / batch_slices)")
     tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(pattern, "val")])
     if len(tokens) < val_tokens + 1:
         raise DataError(f"validation files {pattern!r} hold {len(tokens)} tokens; need val_tokens+1 = {val_tokens + 1}")
-    per_rank = batch_tokens // world_size
-    for step in range(val_tokens // batch_tokens):
-        start = step * batch_tokens + rank * per_rank
-        chunk = tokens[start:start + per_rank + 1]
+    for index in range(rank, val_tokens // chunk_tokens, world_size):
+        chunk = tokens[index * chunk_tokens:(index + 1) * chunk_tokens + 1]
         cuts = np.flatnonzero(chunk[1:-1] == bos_id) + 1  # document starts inside the chunk
         bounds = np.concatenate([[0], cuts, [len(chunk)]])
         yield pack_sequences([chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:])], device)
@@ -579,13 +584,16 @@ class Segments:
     max_seqlen: int
     is_start: torch.Tensor  # (T,) bool: first token of a sequence
     seq_id: torch.Tensor  # (T,) int: which sequence a token belongs to
+    position: torch.Tensor  # (T,) int: index of a token inside its own sequence
 
 
 def make_segments(cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) -> Segments:
     marks = torch.zeros(num_tokens + 1, dtype=torch.int32, device=cu_seqlens.device)
     marks[cu_seqlens.long()] = 1  # a trailing num_tokens entry lands in the extra slot
     is_start = marks[:num_tokens].bool()
-    return Segments(cu_seqlens.int(), max_seqlen, is_start, torch.cumsum(marks[:num_tokens], 0) - 1)
+    seq_id = torch.cumsum(marks[:num_tokens], 0) - 1
+    position = torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.long()[seq_id]
+    return Segments(cu_seqlens.int(), max_seqlen, is_start, seq_id, position)
 
 
 def shift_to_next_position(x: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -596,46 +604,79 @@ def shift_to_next_position(x: torch.Tensor, segments: Segments) -> torch.Tensor:
 
 
 # --- attention backends -------------------------------------------------------
-# All compute the same function: causal attention inside each sequence over the
-# last `window` keys (the query's own key included). q, k, v: (T, heads, head_dim).
+# All compute the same function: causal attention inside each sequence over a window
+# of recent keys. q, k, v: (T, heads, head_dim). Which keys a query sees is decided in
+# ONE place, `keys_before` + `attention_mask_allows`: the SDPA mask and the flex
+# mask_mod evaluate the predicate, and varlen's window_size is `keys_before`.
+# A backend's mask depends only on the micro-batch and the window, so the model builds
+# it once per forward and window (`ATTENTION_MASKS`) and every layer shares it.
+
+
+def keys_before(window: int) -> int:
+    """How many earlier keys of its own sequence a query sees with a `window`-token window."""
+    return window - 1
 
 
 def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int):
-    return (q_seq == k_seq) & (q_pos >= k_pos) & (q_pos - k_pos < window)
+    return (q_seq == k_seq) & (q_pos >= k_pos) & (q_pos - k_pos <= keys_before(window))
 
 
-def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+def sdpa_mask(segments: Segments, window: int) -> torch.Tensor:
+    """Dense (T, T) boolean mask."""
+    pos, seq = torch.arange(segments.seq_id.numel(), device=segments.seq_id.device), segments.seq_id
+    return attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window)
+
+
+def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
     """Explicit (T, T) mask; the portable path (CPU, any device)."""
-    pos = torch.arange(q.size(0), device=q.device)
-    seq = segments.seq_id
-    mask = attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window)
+    mask = sdpa_mask(segments, window) if mask is None else mask
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                        attn_mask=mask, scale=scale)
     return y.transpose(0, 1)
 
 
-def attention_flex(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+_compiled_flex = {}  # eager mode: flex_attention and create_block_mask compiled once per process
+
+
+def flex_block_mask(segments: Segments, window: int):
+    """Flex attention's block-sparse mask. Outside a compiled model it is built by a compiled
+    function on CUDA, which evaluates the mask block by block instead of as a dense T x T tensor."""
+    from torch.nn.attention.flex_attention import create_block_mask
     seq = segments.seq_id
+    T = seq.numel()
 
     def mask_mod(batch, head, q_idx, k_idx):
         return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window)
 
-    T = q.size(0)
-    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
-    y = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask, scale=scale)
-    return y[0].transpose(0, 1)
+    compile_it = seq.is_cuda and not torch.compiler.is_compiling()
+    return create_block_mask(mask_mod, None, None, T, T, device=seq.device, _compile=compile_it)
 
 
-def attention_varlen(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+def attention_flex(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
+    """torch's flex attention. torch has no flex backward on CPU (eager or compiled): on CPU it
+    serves evaluation and tests only; train with sdpa there."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ConfigError("--attention-backend flex cannot train on CPU: torch's flex attention has no CPU "
+                          "backward (eager or compiled); use --attention-backend sdpa on CPU")
+    block_mask = flex_block_mask(segments, window) if mask is None else mask
+    attend = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():  # eager flex on CUDA would materialise T x T scores
+        attend = _compiled_flex.setdefault("flex_attention", torch.compile(flex_attention))
+    # (1, heads, T, head_dim) made contiguous: Inductor's CPU flex kernel rejects the strided view.
+    q, k, v = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+    return attend(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1)
+
+
+def attention_varlen(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
     """torch's varlen (FlashAttention-2-style) kernel over the cumulative sequence lengths; CUDA only."""
     from torch.nn.attention.varlen import varlen_attn
     cu, max_len = segments.cu_seqlens, segments.max_seqlen
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(window - 1, 0))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(keys_before(window), 0))
 
 
 ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flex": attention_flex, "varlen": attention_varlen}
+ATTENTION_MASKS = {"sdpa": sdpa_mask, "flex": flex_block_mask, "varlen": lambda segments, window: None}
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
@@ -649,7 +690,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 # --- FP8 lm_head ----------------------------------------------------------------
 # logits = x @ w^T with x and w cast to e4m3 and the logit gradient to e5m2, each
 # with a fixed scale (no amax bookkeeping, so no host syncs). Wrapped as custom ops
-# so torch.compile treats the scaled matmuls as opaque and autograd uses our backward.
+# so torch.compile treats them as opaque and autograd uses our backward. Inside each
+# op the casts and scaled matmuls are ONE compiled region (`fp8_region`): the (T x vocab)
+# logit gradient is read once in bf16 and written once in e5m2, with no fp32 temporaries.
+# The forward accumulates fast (use_fast_accum), as the record does; the backward does not.
 
 
 def to_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -657,19 +701,49 @@ def to_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return (x.float() / scale).clamp(-limit, limit).to(dtype)
 
 
-def scaled_mm(a8, b8, scale_a: float, scale_b: float, out_dtype) -> torch.Tensor:
+def scaled_mm(a8, b8, scale_a: float, scale_b: float, out_dtype, fast_accum: bool = False) -> torch.Tensor:
     """a8 @ b8 where b8 is given row-major as (k, n) and is passed column-major as _scaled_mm wants."""
     one = torch.ones((), device=a8.device, dtype=torch.float32)
     return torch._scaled_mm(a8, b8.T.contiguous().T, scale_a=one * scale_a, scale_b=one * scale_b,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+def fp8_forward_math(x, w, x_scale: float, w_scale: float):
+    x8 = to_fp8(x, x_scale, torch.float8_e4m3fn)
+    w8 = to_fp8(w, w_scale, torch.float8_e4m3fn)
+    return scaled_mm(x8, w8.T, x_scale, w_scale, torch.bfloat16, fast_accum=True), x8, w8
+
+
+def fp8_backward_math(grad, x8, w8, x_scale: float, w_scale: float, grad_scale: float):
+    g8 = to_fp8(grad, grad_scale, torch.float8_e5m2)
+    grad_x = scaled_mm(g8, w8, grad_scale, w_scale, torch.bfloat16)
+    grad_w = scaled_mm(g8.T.contiguous(), x8, grad_scale, x_scale, torch.float32)
+    return grad_x, grad_w
+
+
+_fp8_compiled = {}
+
+
+def fp8_region(name: str, math_fn):
+    """`math_fn` compiled on CUDA (the casts fuse into single passes); plain eager on CPU, where
+    the same math runs unfused (torch._scaled_mm has a CPU kernel) for the tests."""
+    def run(*args):
+        if not args[0].is_cuda:
+            return math_fn(*args)
+        if name not in _fp8_compiled:
+            _fp8_compiled[name] = torch.compile(math_fn, dynamic=False)
+        return _fp8_compiled[name](*args)
+    return run
+
+
+fp8_forward_region = fp8_region("forward", fp8_forward_math)
+fp8_backward_region = fp8_region("backward", fp8_backward_math)
 
 
 @torch.library.custom_op("speedrun::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: float, w_scale: float,
                grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x8 = to_fp8(x, x_scale, torch.float8_e4m3fn)
-    w8 = to_fp8(w, w_scale, torch.float8_e4m3fn)
-    return scaled_mm(x8, w8.T, x_scale, w_scale, torch.bfloat16), x8, w8
+    return fp8_forward_region(x, w, x_scale, w_scale)
 
 
 @fp8_linear.register_fake
@@ -681,10 +755,7 @@ def _(x, w, x_scale, w_scale, grad_scale):
 @torch.library.custom_op("speedrun::fp8_linear_backward", mutates_args=())
 def fp8_linear_backward(grad: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor, x_scale: float, w_scale: float,
                         grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    g8 = to_fp8(grad, grad_scale, torch.float8_e5m2)
-    grad_x = scaled_mm(g8, w8, grad_scale, w_scale, torch.bfloat16)
-    grad_w = scaled_mm(g8.T.contiguous(), x8, grad_scale, x_scale, torch.float32)
-    return grad_x, grad_w
+    return fp8_backward_region(grad, x8, w8, x_scale, w_scale, grad_scale)
 
 
 @fp8_linear_backward.register_fake
@@ -729,8 +800,11 @@ class Rotary(nn.Module):
     def position_free_dims(self) -> torch.Tensor:
         return torch.cat([self.freq == 0, self.freq == 0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, heads, head_dim)
-        angle = torch.arange(x.size(0), device=x.device, dtype=torch.float32)[:, None] * self.freq
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:  # x: (T, heads, head_dim)
+        # Positions count from each sequence's start and the angles are formed in float64, so
+        # a token's rotation does not depend on where its sequence sits in the packed batch
+        # (fp32 absolute positions lose ~0.01 rad at 262k tokens).
+        angle = (position.double()[:, None] * self.freq.double()).float()
         cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
@@ -759,17 +833,17 @@ class Attention(nn.Module):
         self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims), "attn_gate") if cfg.attn_gate else None
 
     def forward(self, x, value_embed, segments: Segments, window: int, qkv_scale, out_scale, rotary: Rotary,
-                attn_scale, shift_keys: bool, backend: str) -> torch.Tensor:
+                attn_scale, shift_keys: bool, backend: str, mask=None) -> torch.Tensor:
         T = x.size(0)
         w = self.qkvo.type_as(x)
         q, k, v = (qkv_scale * F.linear(x, w[:3].flatten(0, 1))).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
-        q, k = rotary(rms_norm(q)) * attn_scale, rotary(rms_norm(k))
+        q, k = rotary(rms_norm(q), segments.position) * attn_scale, rotary(rms_norm(k), segments.position)
         if shift_keys:  # a head can match on the previous token's content through these dims
             k = torch.where(rotary.position_free_dims(), shift_to_next_position(k, segments), k)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0)
+        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0, mask)
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
         return out_scale * (y.reshape(T, -1) @ w[3])
@@ -878,6 +952,9 @@ class GPT(nn.Module):
             skip_weights = torch.sigmoid(skip_weights)
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
         windows = {"L": long_window, "S": long_window // 2}
+        # One mask per window, built once per forward and shared by every layer using that window.
+        masks = {windows[kind]: ATTENTION_MASKS[backend](segments, windows[kind])
+                 for kind in set(cfg.window_pattern) - {"N"}}
         saved, x = {}, x0[0]
         for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
             for j, (to, frm) in enumerate(self.skips):
@@ -888,7 +965,8 @@ class GPT(nn.Module):
                 ve_index = cfg.value_embed_pattern[i]
                 value_embed = None if ve_index == "." else value_embeds[int(ve_index)]
                 x = x + block.attn(rms_norm(x), value_embed, segments, windows[kind], qkv_scale[i], out_scale[i],
-                                   self.rotary, self.attn_scale, cfg.key_shift and kind == "L", backend)
+                                   self.rotary, self.attn_scale, cfg.key_shift and kind == "L", backend,
+                                   masks[windows[kind]])
             x = x + block.mlp(rms_norm(x))
             saved[i] = x
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
@@ -907,10 +985,15 @@ class GPT(nn.Module):
             z = F.linear(x, self.lm_head.type_as(x))
         return softcap(z.float(), cfg.softcap)
 
-    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
-        """Summed (not averaged) cross-entropy over the micro-batch's tokens."""
-        logits = self.logits(tokens, cu_seqlens, max_seqlen, long_window)
-        return F.cross_entropy(logits, targets, reduction="sum")
+    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int,
+                loss_piece: int = 0) -> torch.Tensor:
+        """Summed (not averaged) cross-entropy over the micro-batch's tokens. With loss_piece > 0 the
+        head and loss run over pieces of that many tokens, so a long validation chunk never holds
+        all its (T x vocab) logits at once."""
+        x = self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window)
+        piece = loss_piece if 0 < loss_piece < x.size(0) else x.size(0)
+        return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
+                   for i in range(0, x.size(0), piece))
 
 
 def padded_vocab_size(cfg: Config) -> int:
@@ -1200,7 +1283,9 @@ ORTHOGONALIZERS = {
 #   Muon      attn, attn_gate, mlp_fc, mlp_proj (orthogonalised over the last two dims)
 # Gradients are AVERAGED over ranks, so with the loop's division by the micro-step count
 # every world size sees the same gradient. Collectives start from post-accumulate-grad
-# hooks during the last backward of a step and are waited on in OptimizerSet.step().
+# hooks during the last backward of a step (eager) or, for a compiled model whose hooks fire
+# only after its backward graph, all at once in bucket order at the start of
+# OptimizerSet.step(); they are waited on group by group as each group updates.
 # World size 1 has no process group and no communication. Sums are reduced with SUM and
 # divided by the world size (gloo has no AVG).
 
@@ -1438,6 +1523,13 @@ class DistAdam:
             if not slot.launched:
                 slot.launch()
 
+    def launch_pending(self, step: int) -> None:
+        """Start every reduction the hooks have not started, if this group steps now."""
+        if self.pause_remaining == 0 and self.steps_at(step):
+            for slot in self.slots:
+                if not slot.launched:
+                    slot.launch()
+
     def step(self, step: int, lr_multiplier: float, momentum: float) -> list:
         self.armed = False
         if self.pause_remaining > 0:
@@ -1652,6 +1744,11 @@ class Muon:
             if group.arrived == len(group.params) and not group.launched:
                 group.launch()
 
+    def launch_pending(self, step: int) -> None:
+        for group in self.groups:
+            if not group.launched:
+                group.launch()
+
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
         update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps).float()
@@ -1807,6 +1904,13 @@ class OptimizerSet:
 
     @torch.no_grad()
     def step(self, step: int, lr_multiplier: float, momentum: float) -> None:
+        # Overlap design: in eager mode the hooks start each group's reduction during the last
+        # backward. A compiled backward is one graph and the hooks fire only after it returns, so
+        # here every reduction not yet started is launched at once, in bucket order (Adam first,
+        # then the Muon shape groups), before any update: each group's update then overlaps the
+        # communication of the groups after it.
+        for member in self.members:
+            member.launch_pending(step)
         pending = []
         for member in self.members:
             pending += member.step(step, lr_multiplier, momentum)
@@ -2071,9 +2175,14 @@ def check_config(cfg: Config, world_size: int) -> None:
     for tokens in (*cfg.batch_tokens_stages, cfg.batch_tokens_extension):
         if tokens % cfg.batch_slices:
             fail(f"batch of {tokens} tokens is not divisible into --batch-slices {cfg.batch_slices}")
-    if cfg.val_tokens % cfg.val_batch_tokens or cfg.val_batch_tokens % world_size:
+    if cfg.val_tokens % cfg.val_batch_tokens or cfg.val_batch_tokens % cfg.batch_slices:
         fail(f"--val-tokens {cfg.val_tokens} must be a multiple of --val-batch-tokens {cfg.val_batch_tokens}, "
-             f"itself a multiple of the world size {world_size}")
+             f"itself a multiple of --batch-slices {cfg.batch_slices} (one validation chunk per forward)")
+    if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
+        fail(f"--compile-backend {cfg.compile_backend!r}: choose inductor, aot_eager or eager")
+    if cfg.attention_backend == "flex" and resolve_device_type(cfg) == "cpu":
+        fail("--attention-backend flex cannot train on CPU: torch's flex attention has no CPU backward "
+             "(eager or compiled); use --attention-backend sdpa on CPU")
     if cfg.window_schedule not in ("stages", "cubic"):
         fail(f"--window-schedule {cfg.window_schedule!r}: choose stages or cubic")
     if cfg.adam_every < 1:
@@ -2082,8 +2191,12 @@ def check_config(cfg: Config, world_size: int) -> None:
     check_optimizer_config(cfg)
 
 
+def resolve_device_type(cfg: Config) -> str:
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    want_cuda = resolve_device_type(cfg) == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -2114,45 +2227,63 @@ def make_train_loader(cfg: Config, rank: int, world_size: int, device):
                        bos_id=cfg.bos_id, repeat=cfg.repeat_data, device=device)
 
 
+def val_chunk_tokens(cfg: Config) -> int:
+    """Tokens per validation forward: the same at every world size (the record's per-GPU share on 8 GPUs)."""
+    return cfg.val_batch_tokens // cfg.batch_slices
+
+
+def train_micro_batch_tokens(cfg: Config) -> int:
+    """The largest training micro-batch: validation computes its head and loss in pieces this long."""
+    return max(*cfg.batch_tokens_stages, cfg.batch_tokens_extension) // cfg.batch_slices
+
+
 def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[MicroBatch]:
-    """Validation micro-batches, loaded once and reused at every evaluation."""
+    """Validation chunks (one per forward), loaded once and reused at every evaluation."""
     if cfg.data == "synthetic":
-        loader = SyntheticLoader(rank, world_size, slices=world_size, max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id,
-                                 vocab_size=cfg.vocab_size, seed=cfg.seed + 1_000_003, device=device)
+        loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                                 bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed + 1_000_003,
+                                 device=device)
         return [mb for _ in range(cfg.val_tokens // cfg.val_batch_tokens) for mb in loader.next_step(cfg.val_batch_tokens)]
     return list(validation_batches(cfg.val_files, rank, world_size, val_tokens=cfg.val_tokens,
-                                   batch_tokens=cfg.val_batch_tokens, bos_id=cfg.bos_id, device=device))
+                                   chunk_tokens=val_chunk_tokens(cfg), bos_id=cfg.bos_id, device=device))
 
 
-def micro_batch_loss(model, mb: MicroBatch, long_window: int) -> torch.Tensor:
+def micro_batch_loss(model, mb: MicroBatch, long_window: int, max_seqlen: int, loss_piece: int = 0) -> torch.Tensor:
     """Summed loss of one micro-batch.
 
-    For a compiled model the number of sequences varies from batch to batch and
-    max_seqlen is a Python int: marking cu_seqlens dynamic and rounding max_seqlen up
-    to a power of two keeps the graph from recompiling for every batch.
+    max_seqlen must be a constant of the run (cfg.max_seq_len in training, the chunk length in
+    validation): a compiled model guards on it, so a per-batch value would recompile. The number
+    of sequences varies from batch to batch, so cu_seqlens is marked dynamic.
     """
+    if mb.max_seqlen > max_seqlen:
+        raise ValueError(f"a sequence of {mb.max_seqlen} tokens exceeds max_seqlen {max_seqlen}")
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
-    max_seqlen = 1 << max(mb.max_seqlen - 1, 0).bit_length()
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window, loss_piece)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int) -> float:
-    """Mean per-token validation loss over all ranks."""
-    total = torch.zeros((), device=batches[0].inputs.device, dtype=torch.float64)
+def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int,
+             loss_piece: int = 0) -> float:
+    """Mean per-token validation loss over all ranks' chunks (summed, then divided once)."""
+    device = batches[0].inputs.device
+    total = torch.zeros((), device=device, dtype=torch.float64)
     for mb in batches:
-        total += micro_batch_loss(model, mb, long_window).double()
-    tokens = sum(mb.inputs.numel() for mb in batches)
-    return all_reduce_mean(total / tokens, world_size).item()
+        total += micro_batch_loss(model, mb, long_window, mb.inputs.numel(), loss_piece).double()
+    sums = torch.stack([total, torch.tensor(float(sum(mb.inputs.numel() for mb in batches)), device=device,
+                                            dtype=torch.float64)])
+    if world_size > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return (sums[0] / sums[1]).item()
 
 
 def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cfg: Config,
                long_window: int) -> torch.Tensor:
-    """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed loss."""
+    """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed
+    loss as a device tensor (not read here: reading it would wait for the GPU every step)."""
     loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
     for i, mb in enumerate(micro_batches):
         optimizers.prepare_backward(step, last_micro_step=i == len(micro_batches) - 1)
-        loss = micro_batch_loss(model, mb, long_window)
+        loss = micro_batch_loss(model, mb, long_window, cfg.max_seq_len)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
         # gradient the same for every world size.
         (loss / len(micro_batches)).backward()
@@ -2161,8 +2292,16 @@ def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cf
     return loss_sum
 
 
+def validation_windows(cfg: Config) -> list[int]:
+    """Every long window a validation of the run uses (the loop validates with the window of the step before)."""
+    steps = total_steps(cfg)
+    windows = [long_window_at(max(step - 1, 0), cfg) for step in range(0, steps, cfg.val_every)] if cfg.val_every > 0 else []
+    return list(dict.fromkeys(windows + [cfg.long_window_blocks_final_val * cfg.window_block]))
+
+
 def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, val_batches) -> None:
-    """Compile and run every batch/window shape of the schedule, then restore all state exactly."""
+    """Compile and run every batch/window shape of the schedule and every validation window,
+    then restore all state exactly."""
     saved_model = copy.deepcopy(raw_model.state_dict())
     saved_opt = copy.deepcopy(optimizers.state_dict())
     saved_loader = copy.deepcopy(loader.state_dict())
@@ -2177,10 +2316,16 @@ def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, 
         for _ in range(per_shape):
             train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
             step += 1
-    evaluate(model, val_batches[:1], cfg.long_window_blocks_final_val * cfg.window_block, 1)
+    for window in validation_windows(cfg):
+        evaluate(model, val_batches[:1], window, 1, train_micro_batch_tokens(cfg))
     raw_model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
     loader.load_state_dict(saved_loader)
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process (every recompile adds one)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def train(cfg: Config, argv: list[str] | None = None) -> dict:
@@ -2213,10 +2358,11 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
                  device: torch.device) -> dict:
     raw_model = GPT(cfg).to(device)
     model = raw_model
-    if device.type == "cuda" and cfg.compile:
+    compiled = cfg.compile and (device.type == "cuda" or cfg.compile_cpu)
+    if compiled:
         # Each window size and batch shape is its own graph (the warm-up compiles them all).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        model = torch.compile(raw_model, dynamic=False)
+        model = torch.compile(raw_model, dynamic=False, backend=cfg.compile_backend)
     optimizers = OptimizerSet(raw_model, cfg, rank, world_size)
     steps = total_steps(cfg)
     long_window = long_window_at(0, cfg)
@@ -2233,6 +2379,7 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
         t = time.perf_counter()
         warm_up(model, raw_model, optimizers, loader, cfg, world_size, val_batches)
         log(f"warmup: {cfg.warmup_steps} untimed steps in {time.perf_counter() - t:.1f}s, state restored")
+    graphs_after_warmup = compiled_graph_count()
 
     peak = peak_flops(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -2245,7 +2392,7 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
             sync()
             train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for validation
             eval_window = cfg.long_window_blocks_final_val * cfg.window_block if last_step else long_window
-            val_loss = evaluate(model, val_batches, eval_window, world_size)
+            val_loss = evaluate(model, val_batches, eval_window, world_size, train_micro_batch_tokens(cfg))
             if not math.isfinite(val_loss):
                 raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
             log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
@@ -2264,16 +2411,21 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
             optimizers.pause_scalars(cfg.scalar_pause_steps)
         batch_tokens = batch_tokens_at(step, cfg)
         loss_sum = train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
-        train_loss = all_reduce_mean(loss_sum / (batch_tokens // world_size), world_size).item()
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss is {train_loss} at step {step + 1}; stopping (log kept)")
 
         done = step + 1
         if cfg.log_every > 0 and (done % cfg.log_every == 0 or done == steps):
+            loss_text = ""
+            if cfg.train_loss_every > 0 and (done % cfg.train_loss_every == 0 or done == steps):
+                # The only per-step read of a device value: it waits for this step to finish.
+                train_loss = all_reduce_mean(loss_sum / (batch_tokens // world_size), world_size).item()
+                if not math.isfinite(train_loss):
+                    raise TrainingDiverged(f"training loss is {train_loss} at step {done}; stopping (log kept)")
+                loss_text = f"train_loss:{train_loss:.4f} "
+            # Without a sync the host clock runs ahead of the GPU; times are exact at validation lines.
             elapsed_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
             step_avg = elapsed_ms / (done - start_step)
             line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
-                    f"train_loss:{train_loss:.4f} eta:{step_avg * (steps - done) / 1000:.0f}s")
+                    f"{loss_text}eta:{step_avg * (steps - done) / 1000:.0f}s")
             if peak is not None:
                 tokens_per_s = batch_tokens / (step_avg / 1000)
                 mfu = tokens_per_s * matmul_flops_per_token(raw_model, cfg, long_window) / (peak * world_size)
@@ -2292,8 +2444,12 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
     if device.type == "cuda":
         log(f"peak memory: allocated {torch.cuda.max_memory_allocated(device) // 2**20} MiB, "
             f"reserved {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    result = {"val_loss": val_loss, "train_time_ms": train_time_ms, "steps": steps, "run_id": cfg.run_id}
+    if compiled:
+        result["recompiles_after_warmup"] = compiled_graph_count() - graphs_after_warmup
+        log(f"compile: {result['recompiles_after_warmup']} graphs compiled after the warm-up")
     log(f"final: val_loss:{val_loss:.4f} train_time_ms:{train_time_ms:.0f} steps:{steps}")
-    return {"val_loss": val_loss, "train_time_ms": train_time_ms, "steps": steps, "run_id": cfg.run_id}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

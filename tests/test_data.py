@@ -239,7 +239,7 @@ def test_validation_reads_sequentially_split_by_rank(tmp_path):
     tokens = make_docs(np.random.default_rng(7), 100)
     tg.write_shard(str(tmp_path / "v_val_000000.bin"), tokens)
     pattern = str(tmp_path / "v_val_*.bin")
-    kw = dict(val_tokens=256, batch_tokens=128, bos_id=BOS)
+    kw = dict(val_tokens=256, chunk_tokens=64, bos_id=BOS)
     per_rank = [list(tg.validation_batches(pattern, r, 2, **kw)) for r in range(2)]
     assert all(len(batches) == 2 for batches in per_rank)
     read = [per_rank[r][step].inputs for step in range(2) for r in range(2)]
@@ -254,4 +254,4 @@ def test_validation_reads_sequentially_split_by_rank(tmp_path):
 def test_validation_needs_enough_tokens(tmp_path):
     tg.write_shard(str(tmp_path / "v_val_000000.bin"), make_docs(np.random.default_rng(8), 3))
     with pytest.raises(tg.DataError, match="need val_tokens"):
-        list(tg.validation_batches(str(tmp_path / "v_val_*.bin"), 0, 1, val_tokens=4096, batch_tokens=1024, bos_id=BOS))
+        list(tg.validation_batches(str(tmp_path / "v_val_*.bin"), 0, 1, val_tokens=4096, chunk_tokens=1024, bos_id=BOS))

@@ -167,8 +167,8 @@ def test_rotary_is_relative():
     rotary = tg.Rotary(16, 1 / 1024)
     q, k, _ = qkv(20, seed=6, heads=1)
     pad = torch.zeros(5, 1, 16)
-    a = (rotary(q)[12] * rotary(k)[3]).sum()
-    b = (rotary(torch.cat([pad, q]))[17] * rotary(torch.cat([pad, k]))[8]).sum()
+    a = (rotary(q, torch.arange(20))[12] * rotary(k, torch.arange(20))[3]).sum()
+    b = (rotary(torch.cat([pad, q]), torch.arange(25))[17] * rotary(torch.cat([pad, k]), torch.arange(25))[8]).sum()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
