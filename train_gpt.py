@@ -2447,7 +2447,8 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
     result = {"val_loss": val_loss, "train_time_ms": train_time_ms, "steps": steps, "run_id": cfg.run_id}
     if compiled:
         result["recompiles_after_warmup"] = compiled_graph_count() - graphs_after_warmup
-        log(f"compile: {result['recompiles_after_warmup']} graphs compiled after the warm-up")
+        log(f"compile: {graphs_after_warmup} graphs compiled before the timed loop, "
+            f"{result['recompiles_after_warmup']} after")
     log(f"final: val_loss:{val_loss:.4f} train_time_ms:{train_time_ms:.0f} steps:{steps}")
     return result
 
