@@ -1,0 +1,74 @@
+"""The CPU-testable parts of `python -m tests.gpu_check`: stage selection, report format, no-CUDA exit."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from tests import gpu_check
+
+
+def test_stage_selection_by_group_name_and_all():
+    assert gpu_check.select_stages("all") == gpu_check.ALL_STAGES
+    assert gpu_check.select_stages("speed") == ["short_compiled", "medium_steps"]
+    # names come back in run order, without repeats
+    assert gpu_check.select_stages("flex_vs_sdpa,fp8_head,correctness") == gpu_check.STAGE_GROUPS["correctness"]
+    assert gpu_check.select_stages("medium_steps, varlen_vs_sdpa") == ["varlen_vs_sdpa", "medium_steps"]
+    with pytest.raises(gpu_check.StageError, match="unknown stage 'warp'"):
+        gpu_check.select_stages("fp8_head,warp")
+    with pytest.raises(gpu_check.StageError, match="no stage"):
+        gpu_check.select_stages(" , ")
+
+
+def test_every_stage_has_a_function():
+    assert set(gpu_check.STAGES) == set(gpu_check.ALL_STAGES)
+
+
+def test_report_is_one_json_object_and_a_failing_stage_is_reported(monkeypatch):
+    def broken():
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setitem(gpu_check.STAGES, "fp8_head", lambda: {"ok": True, "relative_error": 0.001})
+    monkeypatch.setitem(gpu_check.STAGES, "flex_vs_sdpa", broken)
+    results = gpu_check.run_stages(["fp8_head", "flex_vs_sdpa"])
+    report = json.loads(json.dumps(gpu_check.build_report(results, gpu_check.environment_info(), 1.23)))
+    assert report["report"] == "gpu_check" and report["ok"] is False and report["failed"] == ["flex_vs_sdpa"]
+    assert report["stages"]["fp8_head"]["ok"] is True and "seconds" in report["stages"]["fp8_head"]
+    assert report["stages"]["flex_vs_sdpa"]["error"] == "RuntimeError: kernel exploded"
+    assert report["reference"]["short_ms_per_step"]["393216"] == 736.0 and "989" in report["reference"]["mfu_denominator"]
+    assert report["environment"]["torch"] == torch.__version__
+    assert gpu_check.build_report({}, {}, 0.0)["ok"] is False  # nothing ran: not ok
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_without_cuda_it_says_so_and_exits_nonzero():
+    result = subprocess.run([sys.executable, "-m", "tests.gpu_check", "--stages", "fp8_head"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "needs a CUDA GPU" in result.stderr
+
+
+def test_unknown_stage_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "-m", "tests.gpu_check", "--stages", "nope"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: unknown stage 'nope'")
+
+
+def test_fp8_stage_logic_on_cpu():
+    result = gpu_check.stage_fp8_head(T=64, dim=32, vocab=256, device="cpu")
+    assert result["ok"], result
+
+
+@pytest.mark.slow
+def test_timed_run_logic_on_cpu():
+    """The speed stage's loop on the `test` preset, compiled with aot_eager on CPU: every stage timed,
+    no recompiles after the warm-up."""
+    cfg = gpu_check.speed_config("test", "--compile-backend", "aot_eager", "--warmup-steps", "4")
+    result = gpu_check.timed_run(cfg, steps_per_stage=2, device=torch.device("cpu"))
+    assert list(result["stages"]) == ["stage0", "stage1", "stage2", "extension"]
+    assert [s["batch_tokens"] for s in result["stages"].values()] == [512, 1024, 1024, 1024]
+    assert all(s["ms_per_step"] > 0 and s["steps"] == 2 for s in result["stages"].values())
+    assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0
+    json.dumps(result)
