@@ -662,7 +662,9 @@ def attention_flex(q, k, v, segments: Segments, window: int, scale: float, mask=
     block_mask = flex_block_mask(segments, window) if mask is None else mask
     attend = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():  # eager flex on CUDA would materialise T x T scores
-        attend = _compiled_flex.setdefault("flex_attention", torch.compile(flex_attention))
+        if "flex_attention" not in _compiled_flex:
+            _compiled_flex["flex_attention"] = torch.compile(flex_attention)
+        attend = _compiled_flex["flex_attention"]
     # (1, heads, T, head_dim) made contiguous: Inductor's CPU flex kernel rejects the strided view.
     q, k, v = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
     return attend(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1)
