@@ -1856,9 +1856,12 @@ class OptimizerSet:
     prepare_backward / step / pause_scalars / state_dict / load_state_dict. It owns gradient
     zeroing: a group's gradients are set to None once it has stepped (or dropped them)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, rank: int, world_size: int):
+    def __init__(self, model: nn.Module, cfg: Config, rank: int, world_size: int, launch_from_hooks: bool = True):
         check_optimizer_config(cfg)
         self.world_size = world_size
+        # False for a compiled model: its hooks would fire only after the whole backward graph,
+        # in autograd's order; step() then launches every reduction itself, in bucket order.
+        self.launch_from_hooks = launch_from_hooks
         named = labelled_parameters(model)
         self.params = [p for _, p, _ in named]
         adam_options = dict(eps=cfg.adam_eps, bias_correction=cfg.adam_bias_correction,
@@ -1902,15 +1905,16 @@ class OptimizerSet:
     def prepare_backward(self, step: int, last_micro_step: bool) -> None:
         """Arm the gradient hooks of the groups that step at `step` for the coming backward."""
         for member in self.members:
-            member.armed = self.world_size > 1 and last_micro_step and member.steps_at(step)
+            member.armed = (self.launch_from_hooks and self.world_size > 1 and last_micro_step
+                            and member.steps_at(step))
 
     @torch.no_grad()
     def step(self, step: int, lr_multiplier: float, momentum: float) -> None:
         # Overlap design: in eager mode the hooks start each group's reduction during the last
-        # backward. A compiled backward is one graph and the hooks fire only after it returns, so
-        # here every reduction not yet started is launched at once, in bucket order (Adam first,
-        # then the Muon shape groups), before any update: each group's update then overlaps the
-        # communication of the groups after it.
+        # backward, overlapping it. A compiled backward is one graph whose hooks would fire only
+        # after it returns, so for a compiled model the hooks stay off and every reduction is
+        # launched here at once, in bucket order (Adam first, then the Muon shape groups), before
+        # any update: each group's update then overlaps the communication of the groups after it.
         for member in self.members:
             member.launch_pending(step)
         pending = []
@@ -2365,7 +2369,7 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
         # Each window size and batch shape is its own graph (the warm-up compiles them all).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model = torch.compile(raw_model, dynamic=False, backend=cfg.compile_backend)
-    optimizers = OptimizerSet(raw_model, cfg, rank, world_size)
+    optimizers = OptimizerSet(raw_model, cfg, rank, world_size, launch_from_hooks=not compiled)
     steps = total_steps(cfg)
     long_window = long_window_at(0, cfg)
     start_step, train_time_ms = 0, 0.0
