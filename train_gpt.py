@@ -642,8 +642,11 @@ def flex_block_mask(segments: Segments, window: int):
     """Flex attention's block-sparse mask. Outside a compiled model it is built by a compiled
     function on CUDA, which evaluates the mask block by block instead of as a dense T x T tensor."""
     from torch.nn.attention.flex_attention import create_block_mask
-    seq = segments.seq_id
-    T = seq.numel()
+    T = segments.seq_id.numel()
+    # segments.seq_id again, from searchsorted: Inductor's CPU flex kernel accepts only a
+    # materialised buffer in mask_mod, and the fused cumsum that makes seq_id is not one.
+    positions = torch.arange(T, device=segments.cu_seqlens.device, dtype=segments.cu_seqlens.dtype)
+    seq = torch.searchsorted(segments.cu_seqlens[1:], positions, right=True)
 
     def mask_mod(batch, head, q_idx, k_idx):
         return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window)

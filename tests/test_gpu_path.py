@@ -261,3 +261,18 @@ def test_compiled_test_preset_never_recompiles_after_warm_up(tmp_path):
                                        text, re.M).groups())
     assert before >= 4 and after == 0  # train graphs per stage + validation graphs per window
     assert re.search(r"^step:14/14 val_loss:", text, re.M)
+
+
+@pytest.mark.slow
+def test_flex_model_compiled_by_inductor_on_cpu_matches_sdpa():
+    """The compiled path of flex (block mask built inside the graph, Inductor's CPU flex kernel), forward."""
+    torch.manual_seed(0)
+    cfg = make_config("--compute-dtype", "float32", "--head-init-std", "0.05")
+    model = tg.GPT(cfg)
+    tokens = torch.randint(0, 50000, (256,))
+    cu = torch.tensor([0, 90, 91, 200, 256], dtype=torch.int32)
+    with torch.no_grad():
+        expected = model.logits(tokens, cu, 256, 128)
+        model.cfg = tg.dataclasses.replace(cfg, attention_backend="flex")
+        compiled = torch.compile(model.logits, dynamic=False, backend="inductor")
+        torch.testing.assert_close(compiled(tokens, cu, 256, 128), expected, rtol=1e-3, atol=1e-3)
