@@ -136,11 +136,11 @@ def test_truncated_step_line_is_kept_as_unparsed():
 def test_check_command_describes_complete_partial_and_malformed_logs(tmp_path, capsys):
     done = write_log(tmp_path, "done", val=(4.0, 3.5, 3.2793), times=(0.0, 61000.0, 122100.0), steps=2000)
     code, out, _ = run_cli(capsys, "check", done)
-    assert code == 0 and out == f"{done}: finished: val_loss 3.2793, 122.10 s, 2000 steps\n"
+    assert code == 0 and out == f"{done}: speedrun log, finished: val_loss 3.2793, 122.10 s, 2000 steps\n"
     crashed = write_log(tmp_path, "crashed", final=False, error="RuntimeError: boom")
     code, out, _ = run_cli(capsys, "check", done, crashed)
     assert code == 1
-    assert out.splitlines()[1] == (f"{crashed}: partial: last step 20/20, last val_loss 3.2700 at step 20; "
+    assert out.splitlines()[1] == (f"{crashed}: speedrun log, partial: last step 20/20, last val_loss 3.2700 at step 20; "
                                    "missing: no final line: the run did not finish (RuntimeError: boom)")
     junk = tmp_path / "junk.txt"
     junk.write_text("hello\n")
@@ -223,8 +223,13 @@ def test_stats_cli_json_and_text(capsys):
     code, out, _ = run_cli(capsys, *args, "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"n", "mean", "std", "ci99", "p_value", "target", "time_mean", "time_std", "time_ci99",
-                           "ms_per_iter", "boot_frac_below_001"}
+    assert set(result) == {"n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems", "time_mean",
+                           "time_std", "time_ci99", "ms_per_iter", "boot_frac_below_001",
+                           # every input that shaped the numbers
+                           "losses", "times_ms", "iterations", "boot_resamples", "boot_sample_size", "boot_seed"}
+    assert result["losses"] == LOSSES and result["times_ms"] == times and result["iterations"] == 2000
+    assert (result["boot_resamples"], result["boot_sample_size"], result["boot_seed"]) == (300, 4, 7)
+    assert result["meets_rule"] is True and result["problems"] == []
     minutes = np.array(times) / 60_000
     assert result["time_mean"] == pytest.approx(minutes.mean())
     assert result["time_std"] == pytest.approx(minutes.std(ddof=1))
@@ -235,7 +240,8 @@ def test_stats_cli_json_and_text(capsys):
     code, out, _ = run_cli(capsys, *args)
     assert code == 0 and "p = " in out and "ms/iter over 2000 iterations" in out and "bootstrap:" in out
     code, out, _ = run_cli(capsys, "stats", "--values", *LOSSES, "--target", 3.28, "--json")
-    assert set(json.loads(out)) == {"n", "mean", "std", "ci99", "p_value", "target"}
+    assert set(json.loads(out)) == {"n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems",
+                                    "losses"}
 
 
 def test_stats_from_logs_and_folder(tmp_path, capsys):
@@ -263,7 +269,7 @@ def test_stats_errors_are_one_line(tmp_path, capsys):
 def test_new_creates_record_and_index(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:3], [122100, 121800, 122500], steps=2000)
     records = tmp_path / "records"
-    code, out, err = run_cli(capsys, "new", "--track", "short", "--name", "FasterThing", "--date", "2026-01-02",
+    code, out, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "FasterThing", "--date", "2026-01-02",
                              "--records-dir", records, *logs)
     assert code == 0, err
     folder = records / "short" / "2026-01-02_FasterThing"
@@ -292,7 +298,7 @@ def test_new_creates_record_and_index(tmp_path, capsys):
 def test_new_target_option_is_kept_by_stats(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:3], [1000, 1000, 1001])
     records = tmp_path / "records"
-    run_cli(capsys, "new", "--track", "t", "--name", "N", "--date", "2026-01-01", "--target", 3.2785,
+    run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "N", "--date", "2026-01-01", "--target", 3.2785,
             "--records-dir", records, *logs)
     code, out, _ = run_cli(capsys, "stats", records / "t" / "2026-01-01_N", "--json")
     assert json.loads(out)["target"] == 3.2785
@@ -301,7 +307,7 @@ def test_new_target_option_is_kept_by_stats(tmp_path, capsys):
 def test_new_refuses_overwrite(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:2], [1000, 1100])
     records = tmp_path / "records"
-    argv = ["new", "--track", "short", "--name", "X", "--date", "2026-01-02", "--records-dir", records, *logs]
+    argv = ["new", "--allow-not-significant", "--track", "short", "--name", "X", "--date", "2026-01-02", "--records-dir", records, *logs]
     assert run_cli(capsys, *argv)[0] == 0
     folder = records / "short" / "2026-01-02_X"
     (folder / "README.md").write_text("edited by hand")
@@ -315,7 +321,7 @@ def test_new_refuses_mismatched_scripts(tmp_path, capsys):
     a = write_runs(tmp_path, LOSSES[:1], [1000], prefix="a")
     b = write_runs(tmp_path, LOSSES[1:2], [1000], prefix="b", script=b"print('other')\n")
     records = tmp_path / "records"
-    code, out, err = run_cli(capsys, "new", "--track", "short", "--name", "X", "--records-dir", records, *a, *b)
+    code, out, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "X", "--records-dir", records, *a, *b)
     assert code == 2 and err.count("\n") == 1
     assert "b0.txt: its script" in err and "differs" in err
     assert not records.exists()
@@ -325,9 +331,9 @@ def test_new_refuses_unfinished_runs_and_bad_names(tmp_path, capsys):
     good = write_runs(tmp_path, LOSSES[:1], [1000])
     crashed = write_log(tmp_path, "crashed", final=False)
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "short", "--name", "X", "--records-dir", records, *good, crashed)
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "X", "--records-dir", records, *good, crashed)
     assert code == 2 and "crashed.txt: no final line" in err
-    code, _, err = run_cli(capsys, "new", "--track", "short", "--name", "a/b", "--records-dir", records, *good)
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "a/b", "--records-dir", records, *good)
     assert code == 2 and "--name" in err
     assert not records.exists()
 
@@ -338,7 +344,7 @@ def test_diff_between_folder_log_and_py(tmp_path, capsys):
     log_a = write_log(tmp_path, "a", script=b"x = 1\ny = 2\nz = 3\n")
     log_b = write_log(tmp_path, "b", script=b"x = 1\ny = 20\nz = 3\n")
     records = tmp_path / "records"
-    run_cli(capsys, "new", "--track", "t", "--name", "A", "--date", "2026-01-01", "--records-dir", records, log_a)
+    run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "A", "--date", "2026-01-01", "--records-dir", records, log_a)
     folder_a = records / "t" / "2026-01-01_A"
     code, out, _ = run_cli(capsys, "diff", folder_a, log_b)
     assert code == 1
@@ -348,8 +354,14 @@ def test_diff_between_folder_log_and_py(tmp_path, capsys):
     py.write_bytes(b"x = 1\ny = 2\nz = 3\n")
     code, out, err = run_cli(capsys, "diff", py, log_a)
     assert code == 0 and out == "" and "identical" in err
-    code, _, err = run_cli(capsys, "diff", tmp_path, log_a)
-    assert code == 2 and "no train_gpt.py" in err
+    # A folder without train_gpt.py (a folder of logs) stands for its logs' script; an empty one is an error.
+    (tmp_path / "only_logs").mkdir()
+    os.replace(log_b, tmp_path / "only_logs" / "b.txt")
+    code, out, _ = run_cli(capsys, "diff", folder_a, tmp_path / "only_logs")
+    assert code == 1 and "+y = 20" in out
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "diff", tmp_path / "empty", log_a)
+    assert code == 2 and "no train_gpt.py and no .txt logs" in err
 
 
 # --- compare ----------------------------------------------------------------------
@@ -468,7 +480,7 @@ def test_reproduce_runs_the_record_script_from_the_repo_root(tmp_path, capsys):
         subprocess.run([sys.executable, str(trainer), "--preset", "cpu", "--seed", str(seed), "--run-id", f"s{seed}",
                         "--log-dir", str(first_logs)], cwd=REPO, check=True, timeout=60)
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "cpu", "--name", "Fake", "--date", "2026-01-01",
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "cpu", "--name", "Fake", "--date", "2026-01-01",
                            "--records-dir", records, first_logs / "s1.txt", first_logs / "s2.txt")
     assert code == 0, err
     folder = records / "cpu" / "2026-01-01_Fake"
@@ -503,7 +515,7 @@ def test_round_trip_with_real_training(tmp_path, capsys):
     assert log.script == open(os.path.join(REPO, "train_gpt.py"), "rb").read()
     assert log.command == f"python train_gpt.py --preset test --seed 1 --log-dir {first_logs} --run-id seed1"
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "test", "--name", "RoundTrip", "--date", "2026-01-01",
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "test", "--name", "RoundTrip", "--date", "2026-01-01",
                            "--records-dir", records, first_logs / "seed1.txt")
     assert code == 0, err
     folder = records / "test" / "2026-01-01_RoundTrip"
