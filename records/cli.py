@@ -343,8 +343,9 @@ def check_machine(run: RunLog, argv: list[str], extra: list[str], folder: str) -
         a == "--device" and b == "cpu" for a, b in zip(extra, extra[1:]))
     if device.startswith("cuda") and not forced_cpu:
         if gpus == 0:
+            hint = "" if run.format == FORMAT_UPSTREAM else " (or pass `-- --device cpu` to try this script on the CPU)"
             raise LogError(f"{folder}: the record ran on {device}, and this machine has no CUDA GPU; run it on a "
-                           "GPU machine (or pass `-- --device cpu` to try this script on the CPU)")
+                           f"GPU machine{hint}")
         if processes > gpus:
             raise LogError(f"{folder}: the record's command starts {processes} processes, one per GPU, and this "
                            f"machine has {gpus} CUDA GPU(s); pass --nproc-per-node {gpus}")
