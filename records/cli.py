@@ -151,7 +151,10 @@ def comparison(a_runs: list[RunLog], b_runs: list[RunLog]) -> dict:
         times = stats.summarize([r.final_train_time_ms / 1000 for r in runs])
         losses = stats.summarize([r.final_val_loss for r in runs])
         return {"n": times.n, "time_mean_s": times.mean, "time_std_s": times.std,
-                "loss_mean": losses.mean, "loss_std": losses.std}
+                "loss_mean": losses.mean, "loss_std": losses.std,
+                # the inputs, so the JSON can be checked on its own
+                "logs": [r.path for r in runs], "times_ms": [r.final_train_time_ms for r in runs],
+                "losses": [r.final_val_loss for r in runs]}
     a, b = side(a_runs), side(b_runs)
     return {
         "a": a, "b": b,

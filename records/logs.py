@@ -110,20 +110,20 @@ class RunLog:
     def device(self) -> str | None:
         return self.header.get("device")
 
-    @property
-    def world_size(self) -> int | None:
+    def _int_header(self, key: str) -> int | None:
         try:
-            return int(self.header["world_size"])
+            return int(self.header[key])
         except (KeyError, ValueError):
             return None
 
     @property
+    def world_size(self) -> int | None:
+        return self._int_header("world_size")
+
+    @property
     def gpus(self) -> int | None:
         """GPUs in the log's nvidia-smi listing (upstream logs record no world size)."""
-        try:
-            return int(self.header["gpus"])
-        except (KeyError, ValueError):
-            return None
+        return self._int_header("gpus")
 
     @property
     def format_description(self) -> str:

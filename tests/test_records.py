@@ -381,11 +381,33 @@ def test_compare_matches_welch(tmp_path, capsys):
     assert c["time_delta_s"] == pytest.approx((np.mean(b_times) - np.mean(a_times)) / 1000)
     assert c["loss_delta"] == pytest.approx(np.mean(b_loss) - np.mean(a_loss))
     assert c["b"]["time_std_s"] == pytest.approx(np.std(b_times, ddof=1) / 1000)
+    assert c["a"]["times_ms"] == a_times and c["b"]["losses"] == b_loss and c["a"]["logs"] == a_logs
     code, text, _ = run_cli(capsys, "compare", tmp_path / "a", tmp_path / "b")
     expected_p = sps.ttest_ind(a_times, b_times, equal_var=False).pvalue
     assert code == 0 and f"Welch p = {expected_p:.4g}" in text
     assert f"{np.mean(a_times) / 1000:.3f}" in text and f"{np.mean(b_loss):.5f}" in text
     assert run_cli(capsys, "compare", tmp_path / "a")[0] == 2
+
+
+def test_statistics_match_the_textbook_formulas():
+    """stats.py calls scipy; these plain formulas pin what it must compute."""
+    x, target = np.array(LOSSES), 3.28
+    n, mean, sd = len(x), sum(LOSSES) / len(LOSSES), math.sqrt(sum((v - sum(LOSSES) / 7) ** 2 for v in LOSSES) / 6)
+    t_stat = (mean - target) / (sd / math.sqrt(n))
+    assert stats.one_sample_p_less(x, target) == pytest.approx(sps.t.cdf(t_stat, n - 1), rel=1e-12)
+    half = sps.t.ppf(0.995, n - 1) * sd / math.sqrt(n)
+    assert stats.summarize(x).ci == pytest.approx((mean - half, mean + half), rel=1e-12)
+    a, b = [122100.0, 121800.0, 122500.0, 122000.0], [120100.0, 120900.0, 119800.0]
+    va = sum((v - sum(a) / 4) ** 2 for v in a) / 3 / 4
+    vb = sum((v - sum(b) / 3) ** 2 for v in b) / 2 / 3
+    t_welch = (sum(a) / 4 - sum(b) / 3) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)  # Welch-Satterthwaite
+    assert stats.welch_p(a, b) == pytest.approx(2 * sps.t.sf(abs(t_welch), df), rel=1e-9)
+    # Zero spread: the limits of the formulas (p 0 below target, 1 above, nan at it).
+    assert stats.one_sample_p_less([3.0, 3.0], target) == 0.0
+    assert stats.one_sample_p_less([3.3, 3.3], target) == 1.0
+    assert math.isnan(stats.one_sample_p_less([3.28, 3.28], 3.28))
+    assert stats.summarize([3.0, 3.0]).ci == (3.0, 3.0)
 
 
 def test_welch_matches_scipy_on_random_data():
