@@ -413,7 +413,12 @@ def cmd_reproduce(args) -> int:
             raise UsageError(f"{log_path} already exists; choose another --logs-dir")
         argv = launch_argv(source, folders.repo_path(script), run_id, logs_dir, args.extra, args.nproc_per_node)
         plans.append((argv, log_path))
-    check_machine(record_runs[0], plans[0][0], args.extra, folder)
+    try:
+        check_machine(record_runs[0], plans[0][0], args.extra, folder)
+    except LogError as e:
+        if not args.dry_run:
+            raise
+        print(f"warning: {e}", file=sys.stderr)  # a dry run only shows the commands, so it may be made anywhere
     new_logs = []
     # Scripts that ignore --log-dir write where they like; upstream ones write logs/<uuid>.txt from the cwd.
     roots = [logs_dir, os.path.join(folders.REPO_ROOT, "logs")]
@@ -425,7 +430,8 @@ def cmd_reproduce(args) -> int:
         before = text_files(*roots)
         code = subprocess.run(command, cwd=folders.REPO_ROOT).returncode
         if code != 0:
-            raise LogError(f"run {i + 1} failed with exit code {code}; log: {log_path}")
+            where = log_path if os.path.exists(log_path) else "see the output above"
+            raise LogError(f"run {i + 1} failed with exit code {code}; log: {where}")
         new_logs.append(find_new_log(log_path, before, roots, i + 1))
     if args.dry_run:
         return 0

@@ -781,6 +781,9 @@ def test_reproduce_checks_the_machine_before_launching(tmp_path, capsys, monkeyp
     assert code == 2 and out == "" and err == (f"error: {folder}: the record ran on cuda: 8x NVIDIA H100 80GB HBM3, "
                                                "and this machine has no CUDA GPU; run it on a GPU machine (or pass "
                                                "`-- --device cpu` to try this script on the CPU)\n")
+    # A dry run only shows the commands: the same problem is a warning, and nothing is created.
+    code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new", "--dry-run")
+    assert code == 0 and err.startswith("warning: ") and "has no CUDA GPU" in err and "--nproc_per_node=8" in out
     monkeypatch.setattr(cli, "machine_devices", lambda: (1, 16))
     code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new")
     assert code == 2 and "starts 8 processes, one per GPU, and this machine has 1 CUDA GPU(s); " \
