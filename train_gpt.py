@@ -130,7 +130,7 @@ class Config:
     # Per-label multipliers "label:x,..." (labels not named: 1). Labels: see section 5.
     lr_multipliers: str = "value_embed:75,smear_gate:0.01,x0_lambdas:5,scalars:5,mlp_proj:2"
     wd_multipliers: str = "smear_gate:0,x0_lambdas:0,scalars:0"
-    # cautious: decay wd*lr*eff_lr only where update and weight share a sign (short record);
+    # cautious: decay wd*lr*eff_lr where update and weight do not have opposite signs (short record);
     # decoupled: p *= 1 - wd*lr everywhere (classic AdamW, medium record)
     wd_style: str = "cautious"
     # Adam's cautious decay per step is wd*(lr*m)^2 (m the label's lr multiplier, short record);
@@ -629,12 +629,13 @@ def shift_to_next_position(x: torch.Tensor, segments: Segments, mask_document_st
 # sees itself and the `window` tokens before it (window + 1 keys, FlashAttention's
 # window_size=(window, 0) as the short record calls it); block > 0: a query in
 # block b (of `block` tokens, counted from the start of the micro-batch) sees the
-# blocks b-n+1..b, n = window // block (the medium record's flex block mask).
+# blocks b-n+1..b, n = window // block (the medium record's flex block mask, which
+# always keeps the query's own block: n = 0 acts as 1).
 
 
 def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int, block: int = 0):
     if block > 0:
-        near = q_pos // block - k_pos // block < window // block
+        near = q_pos // block - k_pos // block < max(window // block, 1)
     else:
         near = q_pos - k_pos <= window
     return (q_seq == k_seq) & (q_pos >= k_pos) & near
@@ -1720,7 +1721,8 @@ class MuonShapeGroup:
 class Muon:
     """Muon / NorMuon over labelled matrix params (any leading dims are a batch of matrices).
     Per step: Nesterov momentum, orthogonalise, optional NorMuon variance reduction, optional
-    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u.
+    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u, rows
+    and cols those of the stored parameter or of each matrix (settings.shape_factor).
     Distributed by shape: reduce-scatter the stacked gradients, update the owned chunk as one
     batch, all-gather the new weights."""
 

@@ -246,6 +246,9 @@ def test_medium_window_mask_small_case():
     assert got[7].nonzero().flatten().tolist() == [6, 7]  # block 1, but document 1 starts at 6
     assert got[12].nonzero().flatten().tolist() == [8, 9, 10, 11, 12]  # blocks 2 and 3: 5 keys
     assert got[15].nonzero().flatten().tolist() == list(range(8, 16))  # 8 keys at the end of block 3
+    # A window of 0 blocks (the medium short window while the long one is 1 block) keeps the own block.
+    none = tg.attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], 0, block)
+    assert none[15].nonzero().flatten().tolist() == [12, 13, 14, 15]
 
 
 def test_block_windows_agree_across_backends():
