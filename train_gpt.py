@@ -82,7 +82,10 @@ class Config:
     head_dim: int = 128
     mlp_ratio: int = 4
     window_block: int = 128  # windows are counted in blocks of this many tokens
-    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long/2), L long window, N no attention
+    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long_blocks//2 blocks), L long, N no attention
+    # token: a window of w tokens lets a query see itself and the w tokens before it (short record);
+    # block: a query in block b sees the keys of blocks b-n+1..b, n = w/window_block (medium record's block mask)
+    window_granularity: str = "token"
     value_embed_pattern: str = "12......012"  # per layer: value-embedding table added to v, '.' none
     tie_embedding: bool = True  # the token embedding is the lm_head matrix
     input_embeds: int = 1  # input embeddings mixed into every block's residual (medium: 2)
@@ -90,6 +93,9 @@ class Config:
     attn_gate: bool = True  # per-head sigmoid gate on the attention output
     gate_dims: int = 12  # leading residual dims that feed the smear and attention gates
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
+    # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
+    mask_document_starts: bool = False
+    fp32_gates: bool = False  # variant: attention and smear gate weights in fp32 (the record holds them in bf16)
     attn_scale: float = 0.1
     rotary_min_freq: float = 1 / 1024
     yarn: bool = True  # adjust rotary frequencies and attention scale when the window grows
@@ -97,7 +103,14 @@ class Config:
     yarn_beta: float = 32.0  # ... and those with more than this are kept
     yarn_attn_gain: float = 0.2  # attention scale *= 1 + gain * ln(new_window / old_window)
     resid_lambda_init: float = 1.1
-    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections
+    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections (value_path normed: of v and ve)
+    # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
+    # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
+    value_path: str = "scaled"
+    value_embed_init_std: float = 0.0  # 0: zero-init value embeddings (short record); medium record: N(0, 1)
+    # transposed: MLP output stored (4*dim x dim) like the input matrix (short track); out_in: stored
+    # (dim x 4*dim) as the medium record did, so its Muon shape factor is 1
+    mlp_proj_layout: str = "transposed"
     skip_connections: str = "6<3"  # "to<from": the output of layer `from` joins the input of layer `to`
     skip_gate: str = "sigmoid"  # sigmoid: weight sigmoid(lambda) | linear: weight lambda
     skip_init: float = -1.5
@@ -106,6 +119,7 @@ class Config:
     softcap: str = "sigmoid"  # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
     head_init_std: float = 0.005  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
+    fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = (100 / 448, 1.5 / 448, 0.75 / 448)  # fixed scales of x, w and the logit gradient
     attention_backend: str = "auto"  # auto (varlen on CUDA, sdpa on CPU) | varlen | flex | sdpa
     compute_dtype: str = "bfloat16"  # activations, embeddings and head; matrices keep fp32 masters
@@ -116,9 +130,12 @@ class Config:
     # Per-label multipliers "label:x,..." (labels not named: 1). Labels: see section 5.
     lr_multipliers: str = "value_embed:75,smear_gate:0.01,x0_lambdas:5,scalars:5,mlp_proj:2"
     wd_multipliers: str = "smear_gate:0,x0_lambdas:0,scalars:0"
-    # cautious: decay wd*lr*eff_lr only where update and weight share a sign (short record);
+    # cautious: decay wd*lr*eff_lr where update and weight do not have opposite signs (short record);
     # decoupled: p *= 1 - wd*lr everywhere (classic AdamW, medium record)
     wd_style: str = "cautious"
+    # Adam's cautious decay per step is wd*(lr*m)^2 (m the label's lr multiplier, short record);
+    # variant: wd*lr^2*m, the label multiplier not squared (value embeddings decayed 75x less).
+    adam_wd_linear_lr_mult: bool = False
     adam_lr: float = 0.008
     adam_betas: tuple = (0.65, 0.95)
     adam_eps: float = 1e-8
@@ -133,6 +150,10 @@ class Config:
     adam_eps_end: float = 1e-8
     muon_lr: float = 0.023
     muon_wd: float = 1.2
+    # Muon lr (and cautious decay) factor sqrt(max(1, rows/cols)) of: parameter = the parameter as stored,
+    # leading dims folded into rows (the short record's fused (4*768 x 768) QKVO: 2); matrix = each
+    # orthogonalised matrix (medium record; as a short-track variant it halves the attention step)
+    muon_shape_factor: str = "parameter"
     normuon_beta2: float = 0.95
     orthogonalizer: str = "polar_express"  # a key of ORTHOGONALIZERS (section 4)
     orthogonalizer_steps: int = 5
@@ -193,7 +214,9 @@ PRESETS: dict[str, dict] = {
         "num_layers": 16, "model_dim": 1024, "num_heads": 8, "head_dim": 128,
         "window_pattern": "LSSSLSSNSSSLSSSL", "value_embed_pattern": "01234......01234",
         "tie_embedding": False, "input_embeds": 2, "smear_gate": False, "attn_gate": False, "key_shift": False,
-        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (1.0, 1.0),
+        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (0.5, 0.5),
+        "value_path": "normed", "value_embed_init_std": 1.0, "mlp_proj_layout": "out_in", "fp32_head": True,
+        "window_granularity": "block",
         "skip_connections": "9<6,10<4,11<2", "skip_gate": "linear", "skip_init": 1.0, "backout_layer": -1,
         "softcap": "rational", "head_init_std": 0.0, "fp8_head": False,
         # end medium model
@@ -203,6 +226,7 @@ PRESETS: dict[str, dict] = {
         "lr_multipliers": "embed:96,value_embed:96,scalars:4.8,x0_lambdas:4.8",
         "optimizer": "muon", "muon_lr": 0.03, "muon_wd": 0.01, "wd_multipliers": "mlp_fc:2,mlp_proj:2",
         "wd_style": "decoupled", "orthogonalizer": "newton_schulz_per_iteration", "muon_smoothing": 0.2,
+        "muon_shape_factor": "matrix",
         "snoo": True, "snoo_every": 28, "snoo_lr": 0.68, "snoo_momentum": 0.37,
         # end medium optimisers
         # medium schedules
@@ -588,38 +612,51 @@ def make_segments(cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) ->
     return Segments(cu_seqlens.int(), max_seqlen, is_start, torch.cumsum(marks[:num_tokens], 0) - 1)
 
 
-def shift_to_next_position(x: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """out[t] = x[t-1] within a sequence, zero at sequence starts (nothing leaks across documents)."""
-    shifted = torch.cat([torch.zeros_like(x[:1]), x[:-1]])
+def shift_to_next_position(x: torch.Tensor, segments: Segments, mask_document_starts: bool,
+                           first: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = x[t-1]; out[0] = `first` (zeros if None). As in the records, a document's first token
+    gets the previous document's last one, unless mask_document_starts zeroes every sequence start."""
+    shifted = torch.cat([torch.zeros_like(x[:1]) if first is None else first, x[:-1]])
+    if not mask_document_starts:
+        return shifted
     keep = (~segments.is_start).view(-1, *([1] * (x.ndim - 1)))
     return shifted * keep
 
 
 # --- attention backends -------------------------------------------------------
-# All compute the same function: causal attention inside each sequence over the
-# last `window` keys (the query's own key included). q, k, v: (T, heads, head_dim).
+# All compute the same function: causal attention inside each sequence within a
+# window of `window` tokens. q, k, v: (T, heads, head_dim). block = 0: the query
+# sees itself and the `window` tokens before it (window + 1 keys, FlashAttention's
+# window_size=(window, 0) as the short record calls it); block > 0: a query in
+# block b (of `block` tokens, counted from the start of the micro-batch) sees the
+# blocks b-n+1..b, n = window // block (the medium record's flex block mask, which
+# always keeps the query's own block: n = 0 acts as 1).
 
 
-def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int):
-    return (q_seq == k_seq) & (q_pos >= k_pos) & (q_pos - k_pos < window)
+def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int, block: int = 0):
+    if block > 0:
+        near = q_pos // block - k_pos // block < max(window // block, 1)
+    else:
+        near = q_pos - k_pos <= window
+    return (q_seq == k_seq) & (q_pos >= k_pos) & near
 
 
-def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float, block: int = 0) -> torch.Tensor:
     """Explicit (T, T) mask; the portable path (CPU, any device)."""
     pos = torch.arange(q.size(0), device=q.device)
     seq = segments.seq_id
-    mask = attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window)
+    mask = attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window, block)
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                        attn_mask=mask, scale=scale)
     return y.transpose(0, 1)
 
 
-def attention_flex(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+def attention_flex(q, k, v, segments: Segments, window: int, scale: float, block: int = 0) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     seq = segments.seq_id
 
     def mask_mod(batch, head, q_idx, k_idx):
-        return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window)
+        return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window, block)
 
     T = q.size(0)
     block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
@@ -628,21 +665,23 @@ def attention_flex(q, k, v, segments: Segments, window: int, scale: float) -> to
     return y[0].transpose(0, 1)
 
 
-def attention_varlen(q, k, v, segments: Segments, window: int, scale: float) -> torch.Tensor:
+def attention_varlen(q, k, v, segments: Segments, window: int, scale: float, block: int = 0) -> torch.Tensor:
     """torch's varlen (FlashAttention-2-style) kernel over the cumulative sequence lengths; CUDA only."""
     from torch.nn.attention.varlen import varlen_attn
     cu, max_len = segments.cu_seqlens, segments.max_seqlen
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(window - 1, 0))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(window, 0))
 
 
 ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flex": attention_flex, "varlen": attention_varlen}
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def resolve_attention_backend(name: str, device: torch.device, granularity: str = "token") -> str:
     if name == "auto":
-        return "varlen" if device.type == "cuda" else "sdpa"
+        return ("varlen" if granularity == "token" else "flex") if device.type == "cuda" else "sdpa"
     if name == "varlen" and device.type != "cuda":
         raise ConfigError("--attention-backend varlen needs a CUDA device; use sdpa or flex on CPU")
+    if name == "varlen" and granularity == "block":
+        raise ConfigError("--attention-backend varlen has token windows only; use flex with --window-granularity block")
     return name
 
 
@@ -755,24 +794,42 @@ class Attention(nn.Module):
         nn.init.uniform_(qkvo[:3], -bound, bound)
         nn.init.zeros_(qkvo[3])
         self.qkvo = labelled(qkvo, "attn")
+        # NorMuon normalises per output unit of the records' (out x in) matrices: rows of Q, K, V,
+        # columns of the O stored here transposed.
+        self.qkvo.normalise_columns = (False, False, False, True)
         self.gate_dims = cfg.gate_dims
-        self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims), "attn_gate") if cfg.attn_gate else None
+        self.output_gate = None
+        if cfg.attn_gate:
+            gate_dtype = torch.float32 if cfg.fp32_gates else getattr(torch, cfg.compute_dtype)
+            self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "attn_gate")
+            self.output_gate.normalise_columns = (False,)  # per head (row), although the matrix is wide
+        self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
+        self.mask_document_starts = cfg.mask_document_starts
+        self.normed_values = cfg.value_path == "normed"
 
     def forward(self, x, value_embed, segments: Segments, window: int, qkv_scale, out_scale, rotary: Rotary,
                 attn_scale, shift_keys: bool, backend: str) -> torch.Tensor:
+        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve."""
         T = x.size(0)
         w = self.qkvo.type_as(x)
-        q, k, v = (qkv_scale * F.linear(x, w[:3].flatten(0, 1))).view(T, 3, self.heads, self.head_dim).unbind(1)
+        qkv = F.linear(x, w[:3].flatten(0, 1))
+        q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
         q, k = rotary(rms_norm(q)) * attn_scale, rotary(rms_norm(k))
         if shift_keys:  # a head can match on the previous token's content through these dims
-            k = torch.where(rotary.position_free_dims(), shift_to_next_position(k, segments), k)
-        if value_embed is not None:
+            shifted = shift_to_next_position(k, segments, self.mask_document_starts, first=k[:1])
+            k = torch.where(rotary.position_free_dims(), shifted, k)
+        if self.normed_values:
+            v = qkv_scale * rms_norm(v)
+            if value_embed is not None:
+                v = v + out_scale * value_embed.view_as(v)
+        elif value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0)
+        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0, self.window_block)
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
-        return out_scale * (y.reshape(T, -1) @ w[3])
+        y = y.reshape(T, -1) @ w[3]
+        return y if self.normed_values else out_scale * y
 
 
 class MLP(nn.Module):
@@ -781,10 +838,13 @@ class MLP(nn.Module):
         hidden, dim = cfg.mlp_ratio * cfg.model_dim, cfg.model_dim
         bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
         self.fc = labelled(torch.empty(hidden, dim).uniform_(-bound, bound), "mlp_fc")
-        self.proj = labelled(torch.zeros(hidden, dim), "mlp_proj")  # stored transposed: same shape as fc
+        # transposed: same shape as fc (one Muon batch); out_in: (dim x hidden) like nn.Linear
+        self.proj_transposed = cfg.mlp_proj_layout == "transposed"
+        self.proj = labelled(torch.zeros((hidden, dim) if self.proj_transposed else (dim, hidden)), "mlp_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(x, self.fc.type_as(x))).square() @ self.proj.type_as(x)
+        h = F.relu(F.linear(x, self.fc.type_as(x))).square()
+        return h @ self.proj.type_as(x) if self.proj_transposed else F.linear(h, self.proj.type_as(x))
 
 
 class Block(nn.Module):
@@ -821,19 +881,23 @@ class GPT(nn.Module):
         self.skips = parse_skips(cfg.skip_connections)
         head = torch.empty(vocab, dim)
         nn.init.normal_(head, std=cfg.head_init_std) if cfg.head_init_std > 0 else nn.init.zeros_(head)
-        self.lm_head = labelled(head.to(dtype), "lm_head")
+        self.lm_head = labelled(head if cfg.fp32_head else head.to(dtype), "lm_head")
         # With a tied head the token embedding is the head matrix itself.
         num_tables = cfg.input_embeds - (1 if cfg.tie_embedding else 0)
         self.embeds = nn.ParameterList(labelled(torch.randn(vocab, dim).to(dtype), "embed") for _ in range(num_tables))
         num_value_embeds = len({c for c in cfg.value_embed_pattern if c != "."})
-        self.value_embeds = nn.ParameterList(labelled(torch.zeros(vocab, dim, dtype=dtype), "value_embed")
-                                             for _ in range(num_value_embeds))
-        self.smear_gate = labelled(torch.zeros(1, cfg.gate_dims, dtype=dtype), "smear_gate") if cfg.smear_gate else None
+        self.value_embeds = nn.ParameterList(
+            labelled((torch.randn(vocab, dim) * cfg.value_embed_init_std).to(dtype), "value_embed")
+            for _ in range(num_value_embeds))
+        gate_dtype = torch.float32 if cfg.fp32_gates else dtype
+        self.smear_gate = (labelled(torch.zeros(1, cfg.gate_dims, dtype=gate_dtype), "smear_gate")
+                           if cfg.smear_gate else None)
         self.blocks = nn.ModuleList(Block(cfg, c != "N") for c in cfg.window_pattern)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
-        # Every other learned scalar lives in one vector (one small optimiser group).
+        # Every other learned scalar lives in one vector (one small optimiser group). "qkv" and "out"
+        # are the sa lambdas: QKV and O scales, or on the normed value path the weights of v and ve.
         layout = {"resid": L, "qkv": L, "out": L, "skip": len(self.skips),
                   "smear": int(cfg.smear_gate), "backout": int(cfg.backout_layer >= 0)}
         self.scalar_slices, start = {}, 0
@@ -859,16 +923,19 @@ class GPT(nn.Module):
 
     def input_embeddings(self, tokens: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
         tables = ([self.lm_head] if self.cfg.tie_embedding else []) + list(self.embeds)
-        x = F.embedding(tokens, tables[0])
+        x = F.embedding(tokens, tables[0]).to(getattr(torch, self.cfg.compute_dtype))
         if self.smear_gate is not None:  # mix in a gated share of the previous token's embedding
-            gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate))
-            x = x + self.scalar("smear").type_as(x) * gate * shift_to_next_position(x, segments)
+            gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate.type_as(x)))
+            previous = shift_to_next_position(x, segments, self.cfg.mask_document_starts)
+            x = x + self.scalar("smear").type_as(x) * gate * previous
         return [rms_norm(x)] + [rms_norm(F.embedding(tokens, table)) for table in tables[1:]]
 
-    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
+                      short_window: int | None = None) -> torch.Tensor:
+        """Windows in tokens; short_window None: the one that goes with long_window (section 6)."""
         cfg = self.cfg
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
-        backend = resolve_attention_backend(cfg.attention_backend, tokens.device)
+        backend = resolve_attention_backend(cfg.attention_backend, tokens.device, cfg.window_granularity)
         x0 = self.input_embeddings(tokens, segments)
         # Looked up once: a table serves several layers (e.g. "12......012").
         value_embeds = [F.embedding(tokens, table) for table in self.value_embeds]
@@ -877,7 +944,7 @@ class GPT(nn.Module):
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
-        windows = {"L": long_window, "S": long_window // 2}
+        windows = {"L": long_window, "S": short_window_for(long_window, cfg) if short_window is None else short_window}
         saved, x = {}, x0[0]
         for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
             for j, (to, frm) in enumerate(self.skips):
@@ -895,9 +962,10 @@ class GPT(nn.Module):
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)
 
-    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
+               short_window: int | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits, (T, padded vocab); for evaluation and tests."""
-        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window))
+        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window, short_window))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -907,9 +975,10 @@ class GPT(nn.Module):
             z = F.linear(x, self.lm_head.type_as(x))
         return softcap(z.float(), cfg.softcap)
 
-    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int,
+                short_window: int | None = None) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the micro-batch's tokens."""
-        logits = self.logits(tokens, cu_seqlens, max_seqlen, long_window)
+        logits = self.logits(tokens, cu_seqlens, max_seqlen, long_window, short_window)
         return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -949,6 +1018,11 @@ def check_model_config(cfg: Config) -> None:
         raise ConfigError(f"--attention-backend {cfg.attention_backend!r}: choose auto, {', '.join(ATTENTION_BACKENDS)}")
     if cfg.compute_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"--compute-dtype {cfg.compute_dtype!r}: choose bfloat16 or float32")
+    choices = {"window_granularity": ("token", "block"), "value_path": ("scaled", "normed"),
+               "mlp_proj_layout": ("transposed", "out_in")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(allowed)}")
 # --- end model section ---
 
 
@@ -1237,6 +1311,7 @@ def check_optimizer_config(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"--{field_name.replace('_', '-')} {getattr(cfg, field_name)!r}: {message}")
     choices = {"optimizer": ("normuon", "muon", "adamw"), "wd_style": ("cautious", "decoupled"),
+               "muon_shape_factor": ("parameter", "matrix"),
                "adam_moment_init": ("zeros", "first_grad"), "adam_eps_schedule": ("constant", "linear", "geometric"),
                "orthogonalizer": tuple(ORTHOGONALIZERS)}
     for name, allowed in choices.items():
@@ -1290,10 +1365,11 @@ def weight_decay_per_step(style: str, wd: float, lr_t: float, eff_lr):
 
 def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, cautious: bool) -> torch.Tensor:
     """param - decay*param - eff_lr*direction (fp32). Cautious: decay only where direction and
-    param have the same sign, i.e. where the update already pulls the weight towards zero."""
+    param do not have opposite signs (as the records: a zero update, e.g. an embedding row absent
+    from the batch, is decayed too)."""
     shrink = param * decay
     if cautious:
-        shrink = shrink * ((direction * param) > 0)
+        shrink = shrink * ((direction * param) >= 0)
     return param - shrink - eff_lr * direction
 
 
@@ -1307,6 +1383,7 @@ class AdamSettings:
     eps: float
     weight_decay: float
     wd_style: str = "cautious"
+    wd_linear_lr_mult: bool = False  # cautious decay wd*lr^2*m instead of the record's wd*(lr*m)^2
     every: int = 1  # step every N-th step, on the sum of those steps' gradients
     bias_correction: bool = True
     moment_init: str = "zeros"
@@ -1464,7 +1541,9 @@ class DistAdam:
         rows = slice(0, slot.owned)
         direction = adam_direction(grad, slot.exp_avg[rows], slot.exp_avg_sq[rows], self.updates, s, eps)
         eff_lr = lr_t * slot.lr_mult
-        decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_t, eff_lr)
+        # The record's cautious Adam decay is wd*(lr*m)^2: the label multiplier m is squared too.
+        lr_for_decay = lr_t if s.wd_style != "cautious" or s.wd_linear_lr_mult else eff_lr
+        decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_for_decay, eff_lr)
         flat = slot.flat(slot.param.data)
         owned = flat[slot.start: slot.start + slot.owned]
         new = decayed_step(owned.float(), direction, eff_lr, decay, s.wd_style == "cautious")
@@ -1503,6 +1582,7 @@ class MuonSettings:
     orthogonalize: object  # ORTHOGONALIZERS entry, called as (G, steps)
     orthogonalize_steps: int = 5
     wd_style: str = "cautious"
+    shape_factor: str = "parameter"  # parameter | matrix: what sqrt(max(1, rows/cols)) is taken of
     variance_reduction: bool = True  # NorMuon
     beta2: float = 0.95
     smoothing: float = 0.0
@@ -1526,12 +1606,23 @@ def nesterov_input(grad: torch.Tensor, momentum_buffer: torch.Tensor, momentum: 
     return grad.lerp(momentum_buffer, momentum)
 
 
-def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon: EMA (beta2) of the mean square along the shorter axis (per row when rows >= cols,
-    per column otherwise), divide by its sqrt, and rescale to keep each matrix's Frobenius norm."""
-    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
-    second_moment.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-    scaled = update * second_moment.clamp_min(1e-10).rsqrt()
+def normuon_rescale(update: torch.Tensor, row_moment, col_moment, beta2: float, per_column=None) -> torch.Tensor:
+    """NorMuon: EMA (beta2) of the mean square per row (row_moment, (..., rows, 1)) or per column
+    (col_moment, (..., 1, cols)), divide by its sqrt, and rescale to keep each matrix's Frobenius
+    norm. Pass one moment (the other None), or both and a (..., 1, 1) bool `per_column` choosing
+    per matrix."""
+    square = update.square()
+    if row_moment is not None:
+        row_moment.lerp_(square.mean(dim=-1, keepdim=True), 1 - beta2)
+    if col_moment is not None:
+        col_moment.lerp_(square.mean(dim=-2, keepdim=True), 1 - beta2)
+    if col_moment is None:
+        inverse_rms = row_moment.clamp_min(1e-10).rsqrt()
+    elif row_moment is None:
+        inverse_rms = col_moment.clamp_min(1e-10).rsqrt()
+    else:
+        inverse_rms = torch.where(per_column, col_moment.clamp_min(1e-10).rsqrt(), row_moment.clamp_min(1e-10).rsqrt())
+    scaled = update * inverse_rms
     norm_before = update.norm(dim=(-2, -1), keepdim=True)
     norm_after = scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
     return scaled * (norm_before / norm_after)
@@ -1545,15 +1636,19 @@ class MuonShapeGroup:
         self.rows, self.cols = shape
         self.world_size = world_size
         self.params, self.segments = [], []  # segments: (param, first, end) index range in the stack
-        lr_scales, wd_mults = [], []
-        shape_scale = math.sqrt(max(1.0, self.rows / self.cols))
+        lr_scales, wd_mults, per_column = [], [], []
         for _, p, lr_mult, wd_mult in entries:
             first = sum(end - begin for _, begin, end in self.segments)
             count = p.numel() // (self.rows * self.cols)
             self.params.append(p)
             self.segments.append((p, first, first + count))
-            lr_scales += [shape_scale * lr_mult] * count
+            # "parameter": leading dims count as rows, so the fused (4, 768, 768) QKVO is (3072 x 768).
+            lr_rows = self.rows * count if settings.shape_factor == "parameter" else self.rows
+            lr_scales += [math.sqrt(max(1.0, lr_rows / self.cols)) * lr_mult] * count
             wd_mults += [wd_mult] * count
+            # NorMuon axis: the param's `normalise_columns` (one flag per matrix) where the model
+            # sets it, else per row when rows >= cols and per column otherwise.
+            per_column += list(getattr(p, "normalise_columns", (self.rows < self.cols,) * count))
         self.count = len(lr_scales)
         self.chunk = -(-self.count // world_size)
         self.start = rank * self.chunk
@@ -1570,9 +1665,12 @@ class MuonShapeGroup:
         self.grad_full = torch.zeros(full, device=device) if world_size > 1 else self.grad_chunk
         self.param_full = torch.zeros(full, device=device) if world_size > 1 else self.param_chunk
         self.momentum_buffer = torch.zeros(matrix, device=device)
-        row_axis = self.rows >= self.cols
-        self.second_moment = (torch.zeros(self.chunk, self.rows if row_axis else 1, 1 if row_axis else self.cols,
-                                          device=device) if settings.variance_reduction else None)
+        per_column = torch.tensor(per_column + [False] * len(pad), device=device)[owned]
+        self.per_column = per_column.view(-1, 1, 1)
+        any_rows, any_columns = settings.variance_reduction and not per_column.all(), per_column.any()
+        self.row_moment = torch.zeros(self.chunk, self.rows, 1, device=device) if any_rows else None
+        self.col_moment = (torch.zeros(self.chunk, 1, self.cols, device=device)
+                           if settings.variance_reduction and any_columns else None)
         self.smoothed = torch.zeros(matrix, device=device) if settings.smoothing_enabled else None
         self.arrived = 0
         self.launched = False
@@ -1623,7 +1721,8 @@ class MuonShapeGroup:
 class Muon:
     """Muon / NorMuon over labelled matrix params (any leading dims are a batch of matrices).
     Per step: Nesterov momentum, orthogonalise, optional NorMuon variance reduction, optional
-    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u.
+    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u, rows
+    and cols those of the stored parameter or of each matrix (settings.shape_factor).
     Distributed by shape: reduce-scatter the stacked gradients, update the owned chunk as one
     batch, all-gather the new weights."""
 
@@ -1655,8 +1754,8 @@ class Muon:
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
         update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps).float()
-        if group.second_moment is not None:
-            update = normuon_rescale(update, group.second_moment, s.beta2)
+        if s.variance_reduction:
+            update = normuon_rescale(update, group.row_moment, group.col_moment, s.beta2, group.per_column)
         if group.smoothed is not None:  # zero-initialised, no bias correction
             group.smoothed.mul_(smoothing).add_(update, alpha=1 - smoothing)
             update = group.smoothed
@@ -1685,12 +1784,13 @@ class Muon:
 
     def state_dict(self) -> dict:
         return {"momentum_buffer": [g.momentum_buffer for g in self.groups],
-                "second_moment": [g.second_moment for g in self.groups],
+                "row_moment": [g.row_moment for g in self.groups],
+                "col_moment": [g.col_moment for g in self.groups],
                 "smoothed": [g.smoothed for g in self.groups]}
 
     def load_state_dict(self, state: dict) -> None:
         for i, group in enumerate(self.groups):
-            for name in ("momentum_buffer", "second_moment", "smoothed"):
+            for name in ("momentum_buffer", "row_moment", "col_moment", "smoothed"):
                 mine, saved = getattr(group, name), state[name][i]
                 if (mine is None) != (saved is None):
                     raise ValueError(f"optimiser state mismatch in Muon {name}: saved with other settings")
@@ -1777,7 +1877,8 @@ class OptimizerSet:
             def entries(labels):
                 return [(n, p, lr_mults.get(label, 1.0), wd_mults.get(label, 1.0))
                         for n, p, label in named if label in labels]
-            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every, **adam_options)
+            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
+                          wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
             # Adam first: the head's gradient is the first to be ready in backward.
             self.members = []
             if entries(ADAM_LABELS):
@@ -1791,6 +1892,7 @@ class OptimizerSet:
                 self.members.append(Muon(entries(MUON_LABELS), MuonSettings(
                     lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
                     orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
+                    shape_factor=cfg.muon_shape_factor,
                     variance_reduction=cfg.optimizer == "normuon", beta2=cfg.normuon_beta2,
                     smoothing=cfg.muon_smoothing, smoothing_start=cfg.muon_smoothing_start,
                     smoothing_steps=cfg.muon_smoothing_steps), rank, world_size))
@@ -1863,7 +1965,7 @@ def batch_tokens_at(step: int, cfg: Config) -> int:
 
 
 def long_window_at(step: int, cfg: Config) -> int:
-    """Long attention window in tokens (short windows are half of it)."""
+    """Long attention window in tokens (short windows: short_window_for)."""
     if cfg.window_schedule == "cubic":  # medium track: grows smoothly, flattens, then rises again
         x = min(step / cfg.num_iterations, 1.0)
         tokens = cfg.window_cubic_max_tokens * (4 * x**3 - 6 * x**2 + 3 * x)
@@ -1872,6 +1974,18 @@ def long_window_at(step: int, cfg: Config) -> int:
     stages = cfg.long_window_blocks_stages
     blocks = stages[min(i, len(stages) - 1)] if i < len(cfg.batch_tokens_stages) else cfg.long_window_blocks_extension
     return blocks * cfg.window_block
+
+
+def short_window_for(long_window: int, cfg: Config) -> int:
+    """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6)."""
+    return long_window // cfg.window_block // 2 * cfg.window_block
+
+
+def final_val_windows(cfg: Config) -> tuple[int, int]:
+    """(long, short) at the final validation: the long window jumps to long_window_blocks_final_val,
+    the short layers keep the last training step's window (short record: 20 and 6 blocks)."""
+    return (cfg.long_window_blocks_final_val * cfg.window_block,
+            short_window_for(long_window_at(total_steps(cfg) - 1, cfg), cfg))
 
 
 def lr_multiplier_at(step: int, cfg: Config) -> float:
@@ -1888,14 +2002,15 @@ def lr_multiplier_at(step: int, cfg: Config) -> float:
 
 
 def muon_momentum_at(step: int, cfg: Config) -> float:
-    """Warm up from momentum_min to momentum_max, cool back down over the last scheduled steps."""
+    """Warm up from momentum_min to momentum_max, cool back down over the last steps of the whole
+    run, extension included (short record: 1950 -> 2000)."""
     lo, hi = cfg.momentum_min, cfg.momentum_max
     if cfg.momentum_warmup_steps > 0:
         warm = min(step / cfg.momentum_warmup_steps, 1.0)
         momentum = lo + (hi - lo) * warm
     else:
         momentum = hi
-    cool_start = cfg.num_iterations - cfg.momentum_cooldown_steps
+    cool_start = total_steps(cfg) - cfg.momentum_cooldown_steps
     if cfg.momentum_cooldown_steps > 0 and step >= cool_start:
         cool = min((step - cool_start) / cfg.momentum_cooldown_steps, 1.0)
         momentum = momentum + (lo - momentum) * cool
@@ -2124,7 +2239,7 @@ def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[Mi
                                    batch_tokens=cfg.val_batch_tokens, bos_id=cfg.bos_id, device=device))
 
 
-def micro_batch_loss(model, mb: MicroBatch, long_window: int) -> torch.Tensor:
+def micro_batch_loss(model, mb: MicroBatch, long_window: int, short_window: int | None = None) -> torch.Tensor:
     """Summed loss of one micro-batch.
 
     For a compiled model the number of sequences varies from batch to batch and
@@ -2133,15 +2248,16 @@ def micro_batch_loss(model, mb: MicroBatch, long_window: int) -> torch.Tensor:
     """
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
     max_seqlen = 1 << max(mb.max_seqlen - 1, 0).bit_length()
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window, short_window)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int) -> float:
+def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int,
+             short_window: int | None = None) -> float:
     """Mean per-token validation loss over all ranks."""
     total = torch.zeros((), device=batches[0].inputs.device, dtype=torch.float64)
     for mb in batches:
-        total += micro_batch_loss(model, mb, long_window).double()
+        total += micro_batch_loss(model, mb, long_window, short_window).double()
     tokens = sum(mb.inputs.numel() for mb in batches)
     return all_reduce_mean(total / tokens, world_size).item()
 
@@ -2177,7 +2293,8 @@ def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, 
         for _ in range(per_shape):
             train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
             step += 1
-    evaluate(model, val_batches[:1], cfg.long_window_blocks_final_val * cfg.window_block, 1)
+    final_long, final_short = final_val_windows(cfg)
+    evaluate(model, val_batches[:1], final_long, 1, final_short)
     raw_model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
     loader.load_state_dict(saved_loader)
@@ -2244,8 +2361,8 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
         if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
             sync()
             train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for validation
-            eval_window = cfg.long_window_blocks_final_val * cfg.window_block if last_step else long_window
-            val_loss = evaluate(model, val_batches, eval_window, world_size)
+            eval_long, eval_short = final_val_windows(cfg) if last_step else (long_window, None)
+            val_loss = evaluate(model, val_batches, eval_long, world_size, eval_short)
             if not math.isfinite(val_loss):
                 raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
             log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
