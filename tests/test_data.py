@@ -2,6 +2,7 @@ import glob
 import hashlib
 import os
 import subprocess
+import threading
 import sys
 
 import numpy as np
@@ -409,6 +410,131 @@ def test_run_log_has_the_data_line_and_warning(tmp_path):
     tg.train(tg.config_from_args(base + ["--run-id", "trunc", "--long-documents", "truncate"]), [])
     text = (tmp_path / "trunc.txt").read_text()
     assert "train data: 1 shard(s), 3,760 tokens" in text and "\nwarning: " in text
-    tg.train(tg.config_from_args(base + ["--run-id", "cont"]), [])  # test preset: continue
-    text = (tmp_path / "cont.txt").read_text()
-    assert "long_documents=continue" in text and "\nwarning: " not in text
+
+
+# --- contiguous stream (medium record) ---------------------------------------------------
+
+def contiguous(pattern, rank, world_size, slices=4, **kw):
+    return tg.ContiguousLoader(pattern, rank, world_size, slices=slices, bos_id=BOS, **kw)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_contiguous_slices_tile_the_stream_per_step(tmp_path, world_size):
+    rng = np.random.default_rng(11)
+    pattern = unique_token_shards(tmp_path, [rng.integers(2, 300, size=30).tolist(), rng.integers(2, 300, size=25).tolist()])
+    shards = [np.asarray(tg.load_shard(p)) for p in sorted(glob.glob(pattern))]
+    loaders = [contiguous(pattern, r, world_size) for r in range(world_size)]
+    shard, pos = 0, 0
+    for batch_tokens in (512, 512, 1024, 256, 1024, 1024, 512, 1024):
+        if pos + batch_tokens + 1 >= len(shards[shard]):  # the record moves on, skipping the shard's tail
+            shard, pos = shard + 1, 0
+        per_rank = [loader.next_step(batch_tokens) for loader in loaders]
+        assert all(len(m) == 4 // world_size for m in per_rank)
+        length = batch_tokens // 4
+        for i in range(4):
+            mb = per_rank[i % world_size][i // world_size]
+            # slice i is the next `length` tokens of the window, plus the following token as the last target
+            expected = shards[shard][pos + i * length:pos + (i + 1) * length + 1]
+            np.testing.assert_array_equal(slice_tokens(mb), expected)
+            # cu_seqlens: 0, every BOS inside the inputs after position 0, the end
+            starts = [a for a in range(1, length) if expected[a] == BOS]
+            assert mb.cu_seqlens.tolist() == [0, *starts, length]
+            assert mb.max_seqlen == max(np.diff([0, *starts, length]))
+        pos += batch_tokens
+    assert shard == 1  # the walk crossed into the second shard
+
+
+def test_contiguous_one_and_two_ranks_cover_the_same_tokens_and_resume(tmp_path):
+    pattern = unique_token_shards(tmp_path, [[50] * 80])
+    one = contiguous(pattern, 0, 1)
+    two = [contiguous(pattern, r, 2) for r in range(2)]
+    for _ in range(3):
+        full = one.next_step(512)
+        halves = [loader.next_step(512) for loader in two]
+        for i, mb in enumerate(full):
+            other = halves[i % 2][i // 2]
+            torch.testing.assert_close(mb.inputs, other.inputs)
+            torch.testing.assert_close(mb.cu_seqlens, other.cu_seqlens)
+    state = one.state_dict()
+    expected = one.next_step(512)
+    again = contiguous(pattern, 0, 1)
+    again.load_state_dict(state)
+    for a, b in zip(expected, again.next_step(512)):
+        torch.testing.assert_close(a.inputs, b.inputs)
+
+
+def test_contiguous_exhaustion_repeat_and_too_small_shards(tmp_path):
+    pattern = unique_token_shards(tmp_path, [[100] * 6])  # 600 tokens: one 512-token window per epoch
+    loader = contiguous(pattern, 0, 1)
+    loader.next_step(512)
+    with pytest.raises(tg.DataError, match="training data exhausted"):
+        loader.next_step(512)
+    looping = contiguous(pattern, 0, 1, repeat=True)
+    first = looping.next_step(512)[0].inputs
+    torch.testing.assert_close(looping.next_step(512)[0].inputs, first)
+    assert looping.epoch == 1
+    with pytest.raises(tg.DataError, match="no train shard holds more than batch_tokens"):
+        contiguous(pattern, 0, 1, repeat=True).next_step(1024)
+
+
+# --- prefetching ---------------------------------------------------------------------------
+
+def all_tensors(micro):
+    return [(mb.inputs, mb.targets, mb.cu_seqlens, mb.max_seqlen) for mb in micro]
+
+
+@pytest.mark.parametrize("stream", ["bos_aligned", "contiguous"])
+def test_prefetched_stream_equals_the_synchronous_one(tmp_path, stream):
+    rng = np.random.default_rng(12)
+    pattern = unique_token_shards(tmp_path, [rng.integers(2, 200, size=25).tolist() for _ in range(3)])
+
+    def make(prefetch):
+        if stream == "contiguous":
+            loader = contiguous(pattern, 1, 2, repeat=True, index_ahead=prefetch)
+        else:
+            loader = tg.TrainLoader(pattern, 1, 2, slices=4, max_seq_len=64, bos_id=BOS, repeat=True,
+                                    long_documents="continue", index_ahead=prefetch)
+        return tg.PrefetchingLoader(loader, "cpu") if prefetch else loader
+
+    sync, ahead = make(False), make(True)
+    # batch-size changes make the prefetcher's guess wrong; a restore mid-way is what warm-up and resume do
+    schedule = [256, 256, 512, 512, 512, 1024, 256, 256] * 4
+    saved = None
+    for step, batch_tokens in enumerate(schedule):
+        if step == 10:
+            saved = (sync.state_dict(), ahead.state_dict())
+            assert saved[0] == saved[1]  # the prefetcher reports the position of the batches handed out
+        if step == 20:
+            sync.load_state_dict(saved[0])
+            ahead.load_state_dict(saved[1])
+        for a, b in zip(all_tensors(sync.next_step(batch_tokens)), all_tensors(ahead.next_step(batch_tokens))):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y) if torch.is_tensor(x) else x == y
+        assert ahead._pending is not None  # the next step is being built in the background
+    before = threading.active_count()
+    ahead.close()
+    sync.close()
+    assert threading.active_count() < before and not [t for t in threading.enumerate()
+                                                      if t.name.startswith(("batch-prefetch", "shard-index"))]
+
+
+def test_prefetch_errors_surface_where_the_synchronous_loader_raises(tmp_path):
+    pattern = unique_token_shards(tmp_path, [[40] * 10])  # 400 tokens, no repeat
+    loader = tg.PrefetchingLoader(tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=64, bos_id=BOS), "cpu")
+    loader.next_step(128)
+    loader.next_step(128)  # the prefetch of a third 128-token step has run out of data in the background
+    with pytest.raises(tg.DataError, match="training data exhausted"):
+        loader.next_step(128)
+    loader.close()
+
+
+def test_shard_index_ahead_gives_the_same_index(tmp_path):
+    pattern = unique_token_shards(tmp_path, [[30] * 5, [20] * 4, [10] * 3])
+    files = sorted(glob.glob(pattern))
+    plain = tg.ShardIndex(files, BOS)
+    ahead = tg.ShardIndex(files, BOS, ahead=True, wrap=True)
+    for i in (0, 1, 2, 0, 2, 1):
+        for x, y in zip(plain.get(i), ahead.get(i)):
+            np.testing.assert_array_equal(x, y)
+    assert set(ahead._entries) == {1, 2}  # the shard in use and the one after it
+    ahead.close()
