@@ -538,3 +538,26 @@ def test_shard_index_ahead_gives_the_same_index(tmp_path):
             np.testing.assert_array_equal(x, y)
     assert set(ahead._entries) == {1, 2}  # the shard in use and the one after it
     ahead.close()
+
+
+def test_tokenize_text_reports_lengths_and_suggests_splitting(tmp_path):
+    script = os.path.join(REPO, "data", "tokenize_text.py")
+    chapters = []
+    for i in range(3):
+        path = tmp_path / f"chapter{i}.txt"
+        path.write_text("\n\n".join(f"Paragraph {j} of chapter {i} says a few plain words." for j in range(40)),
+                        encoding="utf-8")
+        chapters.append(str(path))
+
+    def run(*extra):
+        result = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out"), "--name", "c",
+                                 "--val-tokens", "10", *extra, *chapters], capture_output=True, text=True, check=True)
+        return result.stdout
+
+    whole = run()  # three chapters of ~560 tokens: all longer than the cpu preset's 256
+    train = np.concatenate([tg.load_shard(str(tmp_path / "out" / f"c_{n}.bin")) for n in ("val_000000", "train_000001")])
+    lengths = np.diff(np.append(np.flatnonzero(train == BOS), len(train)))
+    assert (f"count 3, median {int(np.median(lengths)):,}, max {int(lengths.max()):,}; 3 longer than 256" in whole)
+    assert "hint: most documents are longer than 256 tokens; --split-paragraphs" in whole
+    split = run("--split-paragraphs")
+    assert "count 120," in split and "0 longer than 256" in split and "hint:" not in split
