@@ -192,9 +192,9 @@ FIELD_HELP = {
                    "document (short record; cpu, test). contiguous: each slice is the next run of the token stream, "
                    "documents cut at slice edges, attention masked per document (medium record)",
     "long_documents": "bos_aligned only. truncate: a document longer than max_seq_len is cut and its rest never "
-                      "trained on (short and medium records). continue: the rest continues in the next sequences, "
-                      "so every token is used (default of cpu and test, and of any run given --train-files "
-                      "without --preset)",
+                      "trained on (the short record; default of short and medium). continue: the rest continues in "
+                      "the next sequences, each part its own attention sequence, so every token is used (default "
+                      "of cpu and test, and of any run given --train-files without --preset)",
     "data_prefetch": "build the next step's batches and index the next shard in background threads; "
                      "the batches are identical either way",
 }
