@@ -556,7 +556,7 @@ def describe_training_data(files: list[str], first_shard: tuple[int, np.ndarray]
         line += f" (median {int(np.median(lengths)):,}, max {int(lengths.max()):,} tokens)"
     unseen = 0.0
     if data_stream == "contiguous":
-        line += "; data_stream=contiguous: documents are cut at slice edges, every token is used"
+        line += "; data_stream=contiguous: documents are cut at slice edges; every token is used but each shard's last partial step"
     elif long_documents == "continue":
         line += f"; long_documents=continue: documents longer than max_seq_len={max_seq_len} continue in the next sequences"
     else:
