@@ -466,6 +466,16 @@ class ShardIndex:
         self._entries = {}
 
 
+def following_shard(shard_index: int, num_files: int, repeat: bool) -> int:
+    """The train shard after shard_index: the first again (a new epoch) with repeat, an error without."""
+    if shard_index + 1 < num_files:
+        return shard_index + 1
+    if not repeat:
+        raise DataError(f"training data exhausted: all {num_files} train shard(s) were used "
+                        "(download more shards, train for fewer steps, or set --repeat-data true)")
+    return 0
+
+
 DATA_STREAMS = ("bos_aligned", "contiguous")
 LONG_DOCUMENT_MODES = ("truncate", "continue")
 
@@ -508,12 +518,8 @@ class DocumentStream:
         """The next document (or, under "continue", its next part) of at most max_len tokens."""
         shards_opened = 0
         while self.doc_index >= len(self.doc_starts):
-            next_shard = self.shard_index + 1
-            if next_shard >= len(self.files):
-                if not self.repeat:
-                    raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
-                                    "(download more shards, train for fewer steps, or set --repeat-data true)")
-                next_shard, self.epoch = 0, self.epoch + 1
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
             shards_opened += 1
             if shards_opened > len(self.files):
                 raise DataError(f"no document start (token {self.bos_id}) in any train shard: {self.files}")
@@ -648,12 +654,8 @@ class ContiguousLoader:
         """Position of this step's window in self.tokens, moving to the next shard when needed."""
         shards_tried = 0
         while self.pos + batch_tokens + 1 >= len(self.tokens):
-            next_shard = self.shard_index + 1
-            if next_shard >= len(self.files):
-                if not self.repeat:
-                    raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
-                                    "(download more shards, train for fewer steps, or set --repeat-data true)")
-                next_shard, self.epoch = 0, self.epoch + 1
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
             shards_tried += 1
             if shards_tried > len(self.files):
                 raise DataError(f"no train shard holds more than batch_tokens+1 = {batch_tokens + 1} tokens "
