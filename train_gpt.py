@@ -70,7 +70,7 @@ class Config:
     data_stream: str = "bos_aligned"  # bos_aligned (short record) | contiguous (medium record); see FIELD_HELP
     long_documents: str = "truncate"  # truncate (records) | continue (cpu, test, your own files); see FIELD_HELP
     data_prefetch: bool = True  # index the next shard and build the next step's batches in background threads
-    # Every step's global batch is cut into this many BOS-aligned slices; each
+    # Every step's global batch is cut into this many slices; each
     # rank takes slices/world_size of them as gradient-accumulation micro-steps,
     # so 1, 2, 4 or 8 ranks see exactly the same data.
     batch_slices: int = 8
@@ -434,7 +434,7 @@ def index_shard(path: str, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
 class ShardIndex:
     """Train shards with their document starts, optionally indexed one shard ahead.
 
-    Finding the BOS positions of a 100M-token shard reads the whole file (about 1.5 s);
+    Finding the BOS positions of a 100M-token shard reads the whole 200 MB file (seconds from disk);
     with `ahead` a background thread indexes the next shard while the current one
     trains. The result is the same either way: only when it is computed differs.
     """
