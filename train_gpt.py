@@ -620,10 +620,12 @@ class TrainLoader:
         self.stream.index.close()
 
 
-def split_at_documents(chunk: np.ndarray, bos_id: int) -> list[np.ndarray]:
-    """Cut a run of tokens (inputs plus one final target) before every BOS after its first token."""
-    cuts = np.flatnonzero(chunk[1:-1] == bos_id) + 1
-    bounds = np.concatenate([[0], cuts, [len(chunk)]])
+def split_at_documents(chunk: np.ndarray, bos_id: int, max_len: int) -> list[np.ndarray]:
+    """Cut a run of tokens (inputs plus one final target) before every BOS after its first token,
+    and inside a document every max_len inputs, so no sequence is longer than max_len."""
+    starts = np.concatenate([[0], np.flatnonzero(chunk[1:-1] == bos_id) + 1])
+    ends = np.append(starts[1:], len(chunk) - 1)
+    bounds = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, ends)] + [[len(chunk)]])
     return [chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -634,18 +636,19 @@ class ContiguousLoader:
     slice i is window tokens [i*L, (i+1)*L] (L = batch_tokens/slices; its last token is
     only a target and is the next slice's first input). Rank r takes slices r, r+W, ...
     Documents are cut at slice edges; cu_seqlens split each slice before every BOS so
-    attention stays inside documents. A step that would reach the end of a shard starts
+    attention stays inside documents, and every max_seq_len tokens inside a document
+    (never in the medium record, whose slices are max_seq_len long). A step that would reach the end of a shard starts
     at the next shard instead, skipping the shard's tail, as the record did.
     """
 
-    def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, bos_id: int,
+    def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int, bos_id: int,
                  repeat: bool = False, index_ahead: bool = False, device="cpu"):
         if slices % world_size:
             raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
         self.files = list_shards(pattern, "train")
         self.index = ShardIndex(self.files, bos_id, ahead=index_ahead, wrap=repeat)
         self.rank, self.world_size, self.slices = rank, world_size, slices
-        self.bos_id, self.repeat, self.device = bos_id, repeat, device
+        self.max_seq_len, self.bos_id, self.repeat, self.device = max_seq_len, bos_id, repeat, device
         self.shard_index, self.pos, self.epoch = 0, 0, 0
         self.tokens, self.doc_starts = self.index.get(0)
         self.first_shard = (len(self.tokens), self.doc_starts)  # for the start-of-run description
@@ -674,7 +677,7 @@ class ContiguousLoader:
         micro = []
         for i in range(self.rank, self.slices, self.world_size):
             chunk = self.tokens[window + i * slice_tokens:window + (i + 1) * slice_tokens + 1]
-            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id), self.device))
+            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id, self.max_seq_len), self.device))
         return micro
 
     def describe(self) -> list[str]:
@@ -2388,8 +2391,9 @@ def make_train_loader(cfg: Config, rank: int, world_size: int, device):
         loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
                                  bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=build_on)
     elif cfg.data_stream == "contiguous":
-        loader = ContiguousLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, bos_id=cfg.bos_id,
-                                  repeat=cfg.repeat_data, index_ahead=cfg.data_prefetch, device=build_on)
+        loader = ContiguousLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices,
+                                  max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id, repeat=cfg.repeat_data,
+                                  index_ahead=cfg.data_prefetch, device=build_on)
     else:
         loader = TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
                              bos_id=cfg.bos_id, repeat=cfg.repeat_data, long_documents=cfg.long_documents,

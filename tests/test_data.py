@@ -414,8 +414,8 @@ def test_run_log_has_the_data_line_and_warning(tmp_path):
 
 # --- contiguous stream (medium record) ---------------------------------------------------
 
-def contiguous(pattern, rank, world_size, slices=4, **kw):
-    return tg.ContiguousLoader(pattern, rank, world_size, slices=slices, bos_id=BOS, **kw)
+def contiguous(pattern, rank, world_size, slices=4, max_seq_len=1024, **kw):
+    return tg.ContiguousLoader(pattern, rank, world_size, slices=slices, max_seq_len=max_seq_len, bos_id=BOS, **kw)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -561,3 +561,18 @@ def test_tokenize_text_reports_lengths_and_suggests_splitting(tmp_path):
     assert "hint: most documents are longer than 256 tokens; --split-paragraphs" in whole
     split = run("--split-paragraphs")
     assert "count 120," in split and "0 longer than 256" in split and "hint:" not in split
+
+
+def test_contiguous_sequences_never_exceed_max_seq_len(tmp_path):
+    pattern = unique_token_shards(tmp_path, [[300, 20, 200, 500, 10]])  # one slice of 1024 inputs
+    stream = np.asarray(tg.load_shard(glob.glob(pattern)[0]))
+    for max_len, expected in ((1024, [300, 20, 200, 500, 4]), (128, [128, 128, 44, 20, 128, 72, 128, 128, 128, 116, 4])):
+        mb = contiguous(pattern, 0, 1, slices=1, max_seq_len=max_len).next_step(1024)[0]
+        assert np.diff(mb.cu_seqlens.numpy()).tolist() == expected
+        np.testing.assert_array_equal(slice_tokens(mb), stream[:1025])
+    # the record's case: a slice as long as max_seq_len inside one document stays one sequence
+    # (its extra final token is only a target)
+    (tmp_path / "one").mkdir()
+    pattern = unique_token_shards(tmp_path / "one", [[3000]])
+    mb = contiguous(pattern, 0, 1, slices=1, max_seq_len=1024).next_step(1024)[0]
+    assert mb.cu_seqlens.tolist() == [0, 1024] and mb.max_seqlen == 1024
