@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -66,7 +67,10 @@ class Config:
     bos_id: int = 50256
     max_seq_len: int = 2048
     repeat_data: bool = False  # start the train shards again when they run out (small samples)
-    # Every step's global batch is cut into this many BOS-aligned slices; each
+    data_stream: str = "bos_aligned"  # bos_aligned (short record) | contiguous (medium record); see FIELD_HELP
+    long_documents: str = "truncate"  # truncate (records) | continue (cpu, test, your own files); see FIELD_HELP
+    data_prefetch: bool = True  # index the next shard and build the next step's batches in background threads
+    # Every step's global batch is cut into this many slices; each
     # rank takes slices/world_size of them as gradient-accumulation micro-steps,
     # so 1, 2, 4 or 8 ranks see exactly the same data.
     batch_slices: int = 8
@@ -203,6 +207,20 @@ class Config:
     dist_timeout_s: int = 300
 
 
+# Longer --help text for fields whose choice needs explaining.
+FIELD_HELP = {
+    "data_stream": "bos_aligned: every sequence starts at a document start and is cut at max_seq_len or the next "
+                   "document (short record; cpu, test). contiguous: each slice is the next run of the token stream, "
+                   "documents cut at slice edges, attention masked per document (medium record)",
+    "long_documents": "bos_aligned only. truncate: a document longer than max_seq_len is cut and its rest never "
+                      "trained on (the short record; default of short and medium). continue: the rest continues in "
+                      "the next sequences, each part its own attention sequence, so every token is used (default "
+                      "of cpu and test, and of any run given --train-files without --preset)",
+    "data_prefetch": "build the next step's batches and index the next shard in background threads; "
+                     "the batches are identical either way",
+}
+
+
 class ConfigError(ValueError):
     """A setting that makes the run impossible; reported as one line before training."""
 
@@ -236,7 +254,7 @@ PRESETS: dict[str, dict] = {
         "window_schedule": "cubic", "window_cubic_max_tokens": 3456, "long_window_blocks_final_val": 27,
         "lr_stage_multipliers": (1.0,), "cooldown_frac": 0.7, "lr_min_frac": 0.01,
         "momentum_warmup_steps": 300, "momentum_cooldown_steps": 0, "adam_every": 1, "scalar_pause_steps": 0,
-        "val_every": 125,
+        "val_every": 125, "data_stream": "contiguous",
         # end medium schedules
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
@@ -250,7 +268,7 @@ PRESETS: dict[str, dict] = {
         # cpu schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
         # The 50,304-wide logits dominate a CPU step, so batches are small.
-        "repeat_data": True, "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
+        "repeat_data": True, "long_documents": "continue", "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
         "num_iterations": 150, "extension_iterations": 10, "window_block": 64,
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (2, 3, 4), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 6,
@@ -267,7 +285,7 @@ PRESETS: dict[str, dict] = {
         # end test optimisers
         # test schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
-        "repeat_data": True, "max_seq_len": 128, "batch_slices": 2,
+        "repeat_data": True, "long_documents": "continue", "max_seq_len": 128, "batch_slices": 2,
         "num_iterations": 12, "extension_iterations": 2,
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (1, 1, 2), "long_window_blocks_extension": 2, "long_window_blocks_final_val": 3,
@@ -291,7 +309,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, "--" + f.name, dest=f.name, default=None, metavar=type(default).__name__.upper(),
-                            help=f"default {default!r}")
+                            help=f"default {default!r}" + (f"; {FIELD_HELP[f.name]}" if f.name in FIELD_HELP else ""))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = unknown[0]
@@ -305,6 +323,9 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     cfg.preset = preset
     for name, text in overrides.items():
         setattr(cfg, name, parse_field_value(name, text, getattr(defaults, name)))
+    if "train_files" in overrides and "preset" not in overrides and "long_documents" not in overrides:
+        # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
+        cfg.long_documents = "continue"
     return cfg
 
 
@@ -393,7 +414,7 @@ def list_shards(pattern: str, what: str) -> list[str]:
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {what} files match {pattern!r} (download FineWeb with "
-                        "`python data/cached_fineweb10B.py`, or point --{what}-files at your shards)")
+                        f"`python data/cached_fineweb10B.py`, or point --{what}-files at your shards)")
     for path in files:
         read_shard_header(path)
     return files
@@ -407,6 +428,15 @@ class MicroBatch:
     cu_seqlens: torch.Tensor  # (num_seqs + 1,) int32: document/sequence starts and T
     max_seqlen: int
 
+    def to(self, device) -> MicroBatch:
+        inputs, targets, cu = (t.to(device, non_blocking=True) for t in (self.inputs, self.targets, self.cu_seqlens))
+        return MicroBatch(inputs, targets, cu, self.max_seqlen)
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked host copies, so the copy to the GPU can overlap compute."""
+        inputs, targets, cu = (t.pin_memory() for t in (self.inputs, self.targets, self.cu_seqlens))
+        return MicroBatch(inputs, targets, cu, self.max_seqlen)
+
 
 def pack_sequences(pieces: list[np.ndarray], device) -> MicroBatch:
     """Concatenate sequences (each starting at BOS) into a shifted input/target pair."""
@@ -419,49 +449,114 @@ def pack_sequences(pieces: list[np.ndarray], device) -> MicroBatch:
                       cu.to(device, non_blocking=True), int(max(lengths)))
 
 
+def index_shard(path: str, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's tokens (memory-mapped) and the positions of its document starts."""
+    tokens = load_shard(path)
+    return tokens, np.flatnonzero(np.asarray(tokens) == bos_id)
+
+
+class ShardIndex:
+    """Train shards with their document starts, optionally indexed one shard ahead.
+
+    Finding the BOS positions of a 100M-token shard reads the whole 200 MB file (seconds from disk);
+    with `ahead` a background thread indexes the next shard while the current one
+    trains. The result is the same either way: only when it is computed differs.
+    """
+
+    def __init__(self, files: list[str], bos_id: int, *, ahead: bool = False, wrap: bool = False):
+        self.files, self.bos_id, self.wrap = files, bos_id, wrap
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-index") if ahead else None
+        self._entries: dict[int, Future] = {}
+
+    def get(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
+        entry = self._entries.get(shard_index)
+        if entry is None:
+            entry = Future()
+            entry.set_result(index_shard(self.files[shard_index], self.bos_id))
+        keep = {shard_index: entry}
+        following = shard_index + 1 if shard_index + 1 < len(self.files) else (0 if self.wrap else None)
+        if self._executor is not None and following not in (None, shard_index):
+            keep[following] = (self._entries.get(following)
+                               or self._executor.submit(index_shard, self.files[following], self.bos_id))
+        for i, stale in self._entries.items():
+            if i not in keep:
+                stale.cancel()
+        self._entries = keep
+        return entry.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._entries = {}
+
+
+def following_shard(shard_index: int, num_files: int, repeat: bool) -> int:
+    """The train shard after shard_index: the first again (a new epoch) with repeat, an error without."""
+    if shard_index + 1 < num_files:
+        return shard_index + 1
+    if not repeat:
+        raise DataError(f"training data exhausted: all {num_files} train shard(s) were used "
+                        "(download more shards, train for fewer steps, or set --repeat-data true)")
+    return 0
+
+
+DATA_STREAMS = ("bos_aligned", "contiguous")
+LONG_DOCUMENT_MODES = ("truncate", "continue")
+
+
 class DocumentStream:
     """Walks the train shards document by document, in order, across shard ends.
 
+    long_documents="truncate" (the records): each sequence is one document cut to its
+    length limit, and the rest of the document is dropped. "continue": the rest of a
+    document longer than the limit becomes the next sequence(s), so every token is used
+    once per epoch; each continuation is its own attention sequence.
     Every rank runs an identical stream so all agree on where each slice starts;
     only the slices a rank owns are materialised as tensors.
     """
 
-    def __init__(self, files: list[str], bos_id: int, repeat: bool = False):
+    def __init__(self, files: list[str], bos_id: int, repeat: bool = False, long_documents: str = "truncate",
+                 index_ahead: bool = False):
+        if long_documents not in LONG_DOCUMENT_MODES:
+            raise DataError(f"--long-documents {long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
         self.files, self.bos_id, self.repeat = files, bos_id, repeat
-        self.shard_index, self.doc_index, self.epoch = 0, 0, 0
+        self.continue_documents = long_documents == "continue"
+        self.index = ShardIndex(files, bos_id, ahead=index_ahead, wrap=repeat)
+        self.shard_index, self.doc_index, self.doc_offset, self.epoch = 0, 0, 0, 0
         self._open(0)
+        self.first_shard = (len(self.tokens), self.doc_starts)  # for the start-of-run description
 
     def _open(self, shard_index: int) -> None:
-        self.tokens = load_shard(self.files[shard_index])
-        self.doc_starts = np.flatnonzero(np.asarray(self.tokens) == self.bos_id)
+        self.tokens, self.doc_starts = self.index.get(shard_index)
         self.shard_index = shard_index
 
     def state(self) -> dict:
-        return {"shard_index": self.shard_index, "doc_index": self.doc_index, "epoch": self.epoch}
+        return {"shard_index": self.shard_index, "doc_index": self.doc_index, "doc_offset": self.doc_offset,
+                "epoch": self.epoch}
 
     def load_state(self, state: dict) -> None:
         self._open(state["shard_index"])
-        self.doc_index, self.epoch = state["doc_index"], state["epoch"]
+        self.doc_index, self.doc_offset, self.epoch = state["doc_index"], state.get("doc_offset", 0), state["epoch"]
 
     def next_sequence(self, max_len: int) -> np.ndarray:
-        """The next document, cut to max_len tokens; moves to the next shard when needed."""
+        """The next document (or, under "continue", its next part) of at most max_len tokens."""
         shards_opened = 0
         while self.doc_index >= len(self.doc_starts):
-            next_shard = self.shard_index + 1
-            if next_shard >= len(self.files):
-                if not self.repeat:
-                    raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
-                                    "(download more shards, train for fewer steps, or set --repeat-data true)")
-                next_shard, self.epoch = 0, self.epoch + 1
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
             shards_opened += 1
             if shards_opened > len(self.files):
                 raise DataError(f"no document start (token {self.bos_id}) in any train shard: {self.files}")
             self._open(next_shard)
-            self.doc_index = 0
-        start = int(self.doc_starts[self.doc_index])
+            self.doc_index, self.doc_offset = 0, 0
+        start = int(self.doc_starts[self.doc_index]) + self.doc_offset
         end = int(self.doc_starts[self.doc_index + 1]) if self.doc_index + 1 < len(self.doc_starts) else len(self.tokens)
-        self.doc_index += 1
-        return self.tokens[start:min(end, start + max_len)]
+        length = min(end - start, max_len)
+        if self.continue_documents and length < end - start:
+            self.doc_offset += length
+        else:
+            self.doc_index, self.doc_offset = self.doc_index + 1, 0
+        return self.tokens[start:start + length]
 
     def next_slice(self, num_tokens: int, max_seq_len: int) -> list[np.ndarray]:
         """Sequences totalling exactly num_tokens + 1 tokens (one extra for the shifted targets)."""
@@ -473,6 +568,40 @@ class DocumentStream:
         return pieces
 
 
+def describe_training_data(files: list[str], first_shard: tuple[int, np.ndarray], *,
+                           max_seq_len: int, data_stream: str, long_documents: str,
+                           warn_unseen_share: float = 0.2) -> list[str]:
+    """Start-of-run lines about the training data; a warning line when truncation hides much of it.
+
+    Document statistics come from the first shard only (the one the loader has already
+    indexed): scanning every FineWeb shard would cost seconds per shard before the run starts.
+    """
+    total = sum(read_shard_header(path) for path in files)
+    num_tokens, doc_starts = first_shard
+    bounds = np.append(doc_starts, num_tokens)
+    lengths = np.diff(bounds)
+    where = "its" if len(files) == 1 else "the first shard's"
+    line = f"train data: {len(files)} shard(s), {total:,} tokens; {where} {len(lengths):,} documents"
+    if len(lengths):
+        line += f" (median {int(np.median(lengths)):,}, max {int(lengths.max()):,} tokens)"
+    unseen = 0.0
+    if data_stream == "contiguous":
+        line += "; data_stream=contiguous: documents are cut at slice edges; every token is used but each shard's last partial step"
+    elif long_documents == "continue":
+        line += f"; long_documents=continue: documents longer than max_seq_len={max_seq_len} continue in the next sequences"
+    else:
+        past_limit = int(np.maximum(lengths - max_seq_len, 0).sum())
+        unseen = past_limit / max(int(lengths.sum()), 1)
+        line += (f"; long_documents=truncate: {100 * unseen:.1f}% of {where} tokens lie past max_seq_len={max_seq_len} "
+                 "in their document and are never trained on")
+    lines = [line]
+    if unseen > warn_unseen_share:
+        lines.append(f"warning: {100 * unseen:.0f}% of the training tokens are never seen because documents are "
+                     f"longer than max_seq_len={max_seq_len}; use --long-documents continue (or tokenise with "
+                     "data/tokenize_text.py --split-paragraphs)")
+    return lines
+
+
 class TrainLoader:
     """Distributed, BOS-aligned training batches.
 
@@ -482,12 +611,13 @@ class TrainLoader:
     """
 
     def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int,
-                 bos_id: int, repeat: bool = False, device="cpu"):
+                 bos_id: int, repeat: bool = False, long_documents: str = "truncate", index_ahead: bool = False,
+                 device="cpu"):
         if slices % world_size:
             raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
-        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat)
+        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat, long_documents, index_ahead)
         self.rank, self.world_size, self.slices = rank, world_size, slices
-        self.max_seq_len, self.device = max_seq_len, device
+        self.max_seq_len, self.long_documents, self.device = max_seq_len, long_documents, device
 
     def next_step(self, batch_tokens: int) -> list[MicroBatch]:
         if batch_tokens % self.slices:
@@ -500,11 +630,93 @@ class TrainLoader:
                 micro.append(pack_sequences(pieces, self.device))
         return micro
 
+    def describe(self) -> list[str]:
+        return describe_training_data(self.stream.files, self.stream.first_shard, max_seq_len=self.max_seq_len,
+                                      data_stream="bos_aligned", long_documents=self.long_documents)
+
     def state_dict(self) -> dict:
         return self.stream.state()
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state(state)
+
+    def close(self) -> None:
+        self.stream.index.close()
+
+
+def split_at_documents(chunk: np.ndarray, bos_id: int, max_len: int) -> list[np.ndarray]:
+    """Cut a run of tokens (inputs plus one final target) before every BOS after its first token,
+    and inside a document every max_len inputs, so no sequence is longer than max_len."""
+    starts = np.concatenate([[0], np.flatnonzero(chunk[1:-1] == bos_id) + 1])
+    ends = np.append(starts[1:], len(chunk) - 1)
+    bounds = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, ends)] + [[len(chunk)]])
+    return [chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ContiguousLoader:
+    """The 2025-09-30 medium record's stream: contiguous slices of the token stream.
+
+    Each step reads the next batch_tokens tokens of the current shard as one window;
+    slice i is window tokens [i*L, (i+1)*L] (L = batch_tokens/slices; its last token is
+    only a target and is the next slice's first input). Rank r takes slices r, r+W, ...
+    Documents are cut at slice edges; cu_seqlens split each slice before every BOS so
+    attention stays inside documents, and every max_seq_len tokens inside a document
+    (never in the medium record, whose slices are max_seq_len long). A step that would reach the end of a shard starts
+    at the next shard instead, skipping the shard's tail, as the record did.
+    """
+
+    def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int, bos_id: int,
+                 repeat: bool = False, index_ahead: bool = False, device="cpu"):
+        if slices % world_size:
+            raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
+        self.files = list_shards(pattern, "train")
+        self.index = ShardIndex(self.files, bos_id, ahead=index_ahead, wrap=repeat)
+        self.rank, self.world_size, self.slices = rank, world_size, slices
+        self.max_seq_len, self.bos_id, self.repeat, self.device = max_seq_len, bos_id, repeat, device
+        self.shard_index, self.pos, self.epoch = 0, 0, 0
+        self.tokens, self.doc_starts = self.index.get(0)
+        self.first_shard = (len(self.tokens), self.doc_starts)  # for the start-of-run description
+
+    def _next_window(self, batch_tokens: int) -> int:
+        """Position of this step's window in self.tokens, moving to the next shard when needed."""
+        shards_tried = 0
+        while self.pos + batch_tokens + 1 >= len(self.tokens):
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
+            shards_tried += 1
+            if shards_tried > len(self.files):
+                raise DataError(f"no train shard holds more than batch_tokens+1 = {batch_tokens + 1} tokens "
+                                f"(needed by --data-stream contiguous): {self.files}")
+            self.tokens, self.doc_starts = self.index.get(next_shard)
+            self.shard_index, self.pos = next_shard, 0
+        start = self.pos
+        self.pos += batch_tokens
+        return start
+
+    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+        if batch_tokens % self.slices:
+            raise DataError(f"batch of {batch_tokens} tokens is not divisible into {self.slices} slices")
+        slice_tokens = batch_tokens // self.slices
+        window = self._next_window(batch_tokens)
+        micro = []
+        for i in range(self.rank, self.slices, self.world_size):
+            chunk = self.tokens[window + i * slice_tokens:window + (i + 1) * slice_tokens + 1]
+            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id, self.max_seq_len), self.device))
+        return micro
+
+    def describe(self) -> list[str]:
+        return describe_training_data(self.files, self.first_shard, max_seq_len=0,
+                                      data_stream="contiguous", long_documents="")
+
+    def state_dict(self) -> dict:
+        return {"shard_index": self.shard_index, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.doc_starts = self.index.get(state["shard_index"])
+        self.shard_index, self.pos, self.epoch = state["shard_index"], state["pos"], state["epoch"]
+
+    def close(self) -> None:
+        self.index.close()
 
 
 class SyntheticLoader:
@@ -535,11 +747,73 @@ class SyntheticLoader:
         self.step += 1
         return micro
 
+    def describe(self) -> list[str]:
+        return ["train data: synthetic random tokens in BOS-separated documents of 50-2000 tokens"]
+
     def state_dict(self) -> dict:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+
+    def close(self) -> None:
+        pass
+
+
+class PrefetchingLoader:
+    """Builds the next step's micro-batches in a background thread while this step trains.
+
+    The batches are exactly the wrapped loader's, in the same order. The next step is
+    guessed to have this step's batch size; when the guess is wrong (a batch-size stage
+    change) or the state is restored (warm-up, resume), the wrapped loader is rewound
+    to where the guess started and the batch is built synchronously. state_dict() is the
+    position after the batches handed out, not after the one being prepared, so
+    checkpoints are the same as without prefetching.
+    """
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, torch.device(device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self._pending: tuple[int, dict, Future] | None = None  # (guessed batch_tokens, state before, build)
+
+    def _build(self, batch_tokens: int) -> list[MicroBatch]:
+        micro = self.loader.next_step(batch_tokens)
+        return [mb.pin_memory() for mb in micro] if self.device.type == "cuda" else micro
+
+    def _drop_pending(self) -> None:
+        """Wait for the build in flight (its result or error is discarded) and rewind to before it."""
+        if self._pending is not None:
+            _, state, future = self._pending
+            self._pending = None
+            future.exception()
+            self.loader.load_state_dict(state)
+
+    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+        if self._pending is not None and self._pending[0] == batch_tokens:
+            future = self._pending[2]
+            self._pending = None
+            micro = future.result()  # raises what the synchronous call would have raised
+        else:
+            self._drop_pending()
+            micro = self._build(batch_tokens)
+        state = copy.deepcopy(self.loader.state_dict())
+        self._pending = (batch_tokens, state, self._executor.submit(self._build, batch_tokens))
+        return [mb.to(self.device) for mb in micro]
+
+    def describe(self) -> list[str]:
+        return self.loader.describe()
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._pending[1] if self._pending is not None else self.loader.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_pending()
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self._drop_pending()
+        self._executor.shutdown(wait=True)
+        self.loader.close()
 
 
 def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: int, batch_tokens: int,
@@ -2176,6 +2450,10 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise ConfigError(message)
     if cfg.data not in ("fineweb", "synthetic"):
         fail(f"--data {cfg.data!r}: choose fineweb or synthetic")
+    if cfg.data_stream not in DATA_STREAMS:
+        fail(f"--data-stream {cfg.data_stream!r}: choose one of {', '.join(DATA_STREAMS)}")
+    if cfg.long_documents not in LONG_DOCUMENT_MODES:
+        fail(f"--long-documents {cfg.long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         fail(f"--device {cfg.device!r}: choose auto, cuda or cpu")
     if cfg.num_iterations <= 0 or cfg.extension_iterations < 0:
@@ -2222,11 +2500,20 @@ def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def make_train_loader(cfg: Config, rank: int, world_size: int, device):
+    # With prefetching the loader builds host tensors in a thread and the wrapper moves them to the device.
+    build_on = "cpu" if cfg.data_prefetch else device
     if cfg.data == "synthetic":
-        return SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                               bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=device)
-    return TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                       bos_id=cfg.bos_id, repeat=cfg.repeat_data, device=device)
+        loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                                 bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=build_on)
+    elif cfg.data_stream == "contiguous":
+        loader = ContiguousLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices,
+                                  max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id, repeat=cfg.repeat_data,
+                                  index_ahead=cfg.data_prefetch, device=build_on)
+    else:
+        loader = TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                             bos_id=cfg.bos_id, repeat=cfg.repeat_data, long_documents=cfg.long_documents,
+                             index_ahead=cfg.data_prefetch, device=build_on)
+    return PrefetchingLoader(loader, device) if cfg.data_prefetch else loader
 
 
 def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[MicroBatch]:
@@ -2318,11 +2605,14 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
     log = RunLogger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if rank == 0 else None, echo=rank == 0)
     try:
         write_log_header(log, cfg, argv, world_size, device)
+        for line in loader.describe():
+            log(line)
         return run_training(cfg, argv, log, loader, val_batches, rank, world_size, device)
     except BaseException as e:
         log(f"error: {type(e).__name__}: {e}".splitlines()[0])
         raise
     finally:
+        loader.close()
         log.close()
 
 
