@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -68,7 +69,10 @@ class Config:
     bos_id: int = 50256
     max_seq_len: int = 2048
     repeat_data: bool = False  # start the train shards again when they run out (small samples)
-    # Every step's global batch is cut into this many BOS-aligned slices; each
+    data_stream: str = "bos_aligned"  # bos_aligned (short record) | contiguous (medium record); see FIELD_HELP
+    long_documents: str = "truncate"  # truncate (records) | continue (cpu, test, your own files); see FIELD_HELP
+    data_prefetch: bool = True  # index the next shard and build the next step's batches in background threads
+    # Every step's global batch is cut into this many slices; each
     # rank takes slices/world_size of them as gradient-accumulation micro-steps,
     # so 1, 2, 4 or 8 ranks see exactly the same data.
     batch_slices: int = 8
@@ -86,7 +90,10 @@ class Config:
     head_dim: int = 128
     mlp_ratio: int = 4
     window_block: int = 128  # windows are counted in blocks of this many tokens
-    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long/2), L long window, N no attention
+    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long_blocks//2 blocks), L long, N no attention
+    # token: a window of w tokens lets a query see itself and the w tokens before it (short record);
+    # block: a query in block b sees the keys of blocks b-n+1..b, n = w/window_block (medium record's block mask)
+    window_granularity: str = "token"
     value_embed_pattern: str = "12......012"  # per layer: value-embedding table added to v, '.' none
     tie_embedding: bool = True  # the token embedding is the lm_head matrix
     input_embeds: int = 1  # input embeddings mixed into every block's residual (medium: 2)
@@ -94,6 +101,9 @@ class Config:
     attn_gate: bool = True  # per-head sigmoid gate on the attention output
     gate_dims: int = 12  # leading residual dims that feed the smear and attention gates
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
+    # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
+    mask_document_starts: bool = False
+    fp32_gates: bool = False  # variant: attention and smear gate weights in fp32 (the record holds them in bf16)
     attn_scale: float = 0.1
     rotary_min_freq: float = 1 / 1024
     yarn: bool = True  # adjust rotary frequencies and attention scale when the window grows
@@ -101,7 +111,14 @@ class Config:
     yarn_beta: float = 32.0  # ... and those with more than this are kept
     yarn_attn_gain: float = 0.2  # attention scale *= 1 + gain * ln(new_window / old_window)
     resid_lambda_init: float = 1.1
-    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections
+    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections (value_path normed: of v and ve)
+    # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
+    # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
+    value_path: str = "scaled"
+    value_embed_init_std: float = 0.0  # 0: zero-init value embeddings (short record); medium record: N(0, 1)
+    # transposed: MLP output stored (4*dim x dim) like the input matrix (short track); out_in: stored
+    # (dim x 4*dim) as the medium record did, so its Muon shape factor is 1
+    mlp_proj_layout: str = "transposed"
     skip_connections: str = "6<3"  # "to<from": the output of layer `from` joins the input of layer `to`
     skip_gate: str = "sigmoid"  # sigmoid: weight sigmoid(lambda) | linear: weight lambda
     skip_init: float = -1.5
@@ -110,6 +127,7 @@ class Config:
     softcap: str = "sigmoid"  # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
     head_init_std: float = 0.005  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
+    fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = (100 / 448, 1.5 / 448, 0.75 / 448)  # fixed scales of x, w and the logit gradient
     attention_backend: str = "auto"  # auto (varlen on CUDA, sdpa on CPU) | varlen | flex | sdpa
     compute_dtype: str = "bfloat16"  # activations, embeddings and head; matrices keep fp32 masters
@@ -120,9 +138,12 @@ class Config:
     # Per-label multipliers "label:x,..." (labels not named: 1). Labels: see section 5.
     lr_multipliers: str = "value_embed:75,smear_gate:0.01,x0_lambdas:5,scalars:5,mlp_proj:2"
     wd_multipliers: str = "smear_gate:0,x0_lambdas:0,scalars:0"
-    # cautious: decay wd*lr*eff_lr only where update and weight share a sign (short record);
+    # cautious: decay wd*lr*eff_lr where update and weight do not have opposite signs (short record);
     # decoupled: p *= 1 - wd*lr everywhere (classic AdamW, medium record)
     wd_style: str = "cautious"
+    # Adam's cautious decay per step is wd*(lr*m)^2 (m the label's lr multiplier, short record);
+    # variant: wd*lr^2*m, the label multiplier not squared (value embeddings decayed 75x less).
+    adam_wd_linear_lr_mult: bool = False
     adam_lr: float = 0.008
     adam_betas: tuple = (0.65, 0.95)
     adam_eps: float = 1e-8
@@ -137,6 +158,10 @@ class Config:
     adam_eps_end: float = 1e-8
     muon_lr: float = 0.023
     muon_wd: float = 1.2
+    # Muon lr (and cautious decay) factor sqrt(max(1, rows/cols)) of: parameter = the parameter as stored,
+    # leading dims folded into rows (the short record's fused (4*768 x 768) QKVO: 2); matrix = each
+    # orthogonalised matrix (medium record; as a short-track variant it halves the attention step)
+    muon_shape_factor: str = "parameter"
     normuon_beta2: float = 0.95
     orthogonalizer: str = "polar_express"  # a key of ORTHOGONALIZERS (section 4)
     orthogonalizer_steps: int = 5
@@ -187,6 +212,20 @@ class Config:
     dist_timeout_s: int = 300
 
 
+# Longer --help text for fields whose choice needs explaining.
+FIELD_HELP = {
+    "data_stream": "bos_aligned: every sequence starts at a document start and is cut at max_seq_len or the next "
+                   "document (short record; cpu, test). contiguous: each slice is the next run of the token stream, "
+                   "documents cut at slice edges, attention masked per document (medium record)",
+    "long_documents": "bos_aligned only. truncate: a document longer than max_seq_len is cut and its rest never "
+                      "trained on (the short record; default of short and medium). continue: the rest continues in "
+                      "the next sequences, each part its own attention sequence, so every token is used (default "
+                      "of cpu and test, and of any run given --train-files without --preset)",
+    "data_prefetch": "build the next step's batches and index the next shard in background threads; "
+                     "the batches are identical either way",
+}
+
+
 class ConfigError(ValueError):
     """A setting that makes the run impossible; reported as one line before training."""
 
@@ -198,7 +237,9 @@ PRESETS: dict[str, dict] = {
         "num_layers": 16, "model_dim": 1024, "num_heads": 8, "head_dim": 128,
         "window_pattern": "LSSSLSSNSSSLSSSL", "value_embed_pattern": "01234......01234",
         "tie_embedding": False, "input_embeds": 2, "smear_gate": False, "attn_gate": False, "key_shift": False,
-        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (1.0, 1.0),
+        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (0.5, 0.5),
+        "value_path": "normed", "value_embed_init_std": 1.0, "mlp_proj_layout": "out_in", "fp32_head": True,
+        "window_granularity": "block",
         "skip_connections": "9<6,10<4,11<2", "skip_gate": "linear", "skip_init": 1.0, "backout_layer": -1,
         "softcap": "rational", "head_init_std": 0.0, "fp8_head": False,
         # end medium model
@@ -208,6 +249,7 @@ PRESETS: dict[str, dict] = {
         "lr_multipliers": "embed:96,value_embed:96,scalars:4.8,x0_lambdas:4.8",
         "optimizer": "muon", "muon_lr": 0.03, "muon_wd": 0.01, "wd_multipliers": "mlp_fc:2,mlp_proj:2",
         "wd_style": "decoupled", "orthogonalizer": "newton_schulz_per_iteration", "muon_smoothing": 0.2,
+        "muon_shape_factor": "matrix",
         "snoo": True, "snoo_every": 28, "snoo_lr": 0.68, "snoo_momentum": 0.37,
         # end medium optimisers
         # medium schedules
@@ -217,7 +259,7 @@ PRESETS: dict[str, dict] = {
         "window_schedule": "cubic", "window_cubic_max_tokens": 3456, "long_window_blocks_final_val": 27,
         "lr_stage_multipliers": (1.0,), "cooldown_frac": 0.7, "lr_min_frac": 0.01,
         "momentum_warmup_steps": 300, "momentum_cooldown_steps": 0, "adam_every": 1, "scalar_pause_steps": 0,
-        "val_every": 125,
+        "val_every": 125, "data_stream": "contiguous",
         # end medium schedules
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
@@ -231,7 +273,7 @@ PRESETS: dict[str, dict] = {
         # cpu schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
         # The 50,304-wide logits dominate a CPU step, so batches are small.
-        "repeat_data": True, "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
+        "repeat_data": True, "long_documents": "continue", "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
         "num_iterations": 150, "extension_iterations": 10, "window_block": 64,
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (2, 3, 4), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 6,
@@ -248,7 +290,7 @@ PRESETS: dict[str, dict] = {
         # end test optimisers
         # test schedules
         "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
-        "repeat_data": True, "max_seq_len": 128, "batch_slices": 2,
+        "repeat_data": True, "long_documents": "continue", "max_seq_len": 128, "batch_slices": 2,
         "num_iterations": 12, "extension_iterations": 2,
         "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
         "long_window_blocks_stages": (1, 1, 2), "long_window_blocks_extension": 2, "long_window_blocks_final_val": 3,
@@ -272,7 +314,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, "--" + f.name, dest=f.name, default=None, metavar=type(default).__name__.upper(),
-                            help=f"default {default!r}")
+                            help=f"default {default!r}" + (f"; {FIELD_HELP[f.name]}" if f.name in FIELD_HELP else ""))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = unknown[0]
@@ -286,6 +328,9 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     cfg.preset = preset
     for name, text in overrides.items():
         setattr(cfg, name, parse_field_value(name, text, getattr(defaults, name)))
+    if "train_files" in overrides and "preset" not in overrides and "long_documents" not in overrides:
+        # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
+        cfg.long_documents = "continue"
     return cfg
 
 
@@ -374,7 +419,7 @@ def list_shards(pattern: str, what: str) -> list[str]:
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {what} files match {pattern!r} (download FineWeb with "
-                        "`python data/cached_fineweb10B.py`, or point --{what}-files at your shards)")
+                        f"`python data/cached_fineweb10B.py`, or point --{what}-files at your shards)")
     for path in files:
         read_shard_header(path)
     return files
@@ -388,6 +433,15 @@ class MicroBatch:
     cu_seqlens: torch.Tensor  # (num_seqs + 1,) int32: document/sequence starts and T
     max_seqlen: int
 
+    def to(self, device) -> MicroBatch:
+        inputs, targets, cu = (t.to(device, non_blocking=True) for t in (self.inputs, self.targets, self.cu_seqlens))
+        return MicroBatch(inputs, targets, cu, self.max_seqlen)
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked host copies, so the copy to the GPU can overlap compute."""
+        inputs, targets, cu = (t.pin_memory() for t in (self.inputs, self.targets, self.cu_seqlens))
+        return MicroBatch(inputs, targets, cu, self.max_seqlen)
+
 
 def pack_sequences(pieces: list[np.ndarray], device) -> MicroBatch:
     """Concatenate sequences (each starting at BOS) into a shifted input/target pair."""
@@ -400,49 +454,114 @@ def pack_sequences(pieces: list[np.ndarray], device) -> MicroBatch:
                       cu.to(device, non_blocking=True), int(max(lengths)))
 
 
+def index_shard(path: str, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's tokens (memory-mapped) and the positions of its document starts."""
+    tokens = load_shard(path)
+    return tokens, np.flatnonzero(np.asarray(tokens) == bos_id)
+
+
+class ShardIndex:
+    """Train shards with their document starts, optionally indexed one shard ahead.
+
+    Finding the BOS positions of a 100M-token shard reads the whole 200 MB file (seconds from disk);
+    with `ahead` a background thread indexes the next shard while the current one
+    trains. The result is the same either way: only when it is computed differs.
+    """
+
+    def __init__(self, files: list[str], bos_id: int, *, ahead: bool = False, wrap: bool = False):
+        self.files, self.bos_id, self.wrap = files, bos_id, wrap
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-index") if ahead else None
+        self._entries: dict[int, Future] = {}
+
+    def get(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
+        entry = self._entries.get(shard_index)
+        if entry is None:
+            entry = Future()
+            entry.set_result(index_shard(self.files[shard_index], self.bos_id))
+        keep = {shard_index: entry}
+        following = shard_index + 1 if shard_index + 1 < len(self.files) else (0 if self.wrap else None)
+        if self._executor is not None and following not in (None, shard_index):
+            keep[following] = (self._entries.get(following)
+                               or self._executor.submit(index_shard, self.files[following], self.bos_id))
+        for i, stale in self._entries.items():
+            if i not in keep:
+                stale.cancel()
+        self._entries = keep
+        return entry.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._entries = {}
+
+
+def following_shard(shard_index: int, num_files: int, repeat: bool) -> int:
+    """The train shard after shard_index: the first again (a new epoch) with repeat, an error without."""
+    if shard_index + 1 < num_files:
+        return shard_index + 1
+    if not repeat:
+        raise DataError(f"training data exhausted: all {num_files} train shard(s) were used "
+                        "(download more shards, train for fewer steps, or set --repeat-data true)")
+    return 0
+
+
+DATA_STREAMS = ("bos_aligned", "contiguous")
+LONG_DOCUMENT_MODES = ("truncate", "continue")
+
+
 class DocumentStream:
     """Walks the train shards document by document, in order, across shard ends.
 
+    long_documents="truncate" (the records): each sequence is one document cut to its
+    length limit, and the rest of the document is dropped. "continue": the rest of a
+    document longer than the limit becomes the next sequence(s), so every token is used
+    once per epoch; each continuation is its own attention sequence.
     Every rank runs an identical stream so all agree on where each slice starts;
     only the slices a rank owns are materialised as tensors.
     """
 
-    def __init__(self, files: list[str], bos_id: int, repeat: bool = False):
+    def __init__(self, files: list[str], bos_id: int, repeat: bool = False, long_documents: str = "truncate",
+                 index_ahead: bool = False):
+        if long_documents not in LONG_DOCUMENT_MODES:
+            raise DataError(f"--long-documents {long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
         self.files, self.bos_id, self.repeat = files, bos_id, repeat
-        self.shard_index, self.doc_index, self.epoch = 0, 0, 0
+        self.continue_documents = long_documents == "continue"
+        self.index = ShardIndex(files, bos_id, ahead=index_ahead, wrap=repeat)
+        self.shard_index, self.doc_index, self.doc_offset, self.epoch = 0, 0, 0, 0
         self._open(0)
+        self.first_shard = (len(self.tokens), self.doc_starts)  # for the start-of-run description
 
     def _open(self, shard_index: int) -> None:
-        self.tokens = load_shard(self.files[shard_index])
-        self.doc_starts = np.flatnonzero(np.asarray(self.tokens) == self.bos_id)
+        self.tokens, self.doc_starts = self.index.get(shard_index)
         self.shard_index = shard_index
 
     def state(self) -> dict:
-        return {"shard_index": self.shard_index, "doc_index": self.doc_index, "epoch": self.epoch}
+        return {"shard_index": self.shard_index, "doc_index": self.doc_index, "doc_offset": self.doc_offset,
+                "epoch": self.epoch}
 
     def load_state(self, state: dict) -> None:
         self._open(state["shard_index"])
-        self.doc_index, self.epoch = state["doc_index"], state["epoch"]
+        self.doc_index, self.doc_offset, self.epoch = state["doc_index"], state.get("doc_offset", 0), state["epoch"]
 
     def next_sequence(self, max_len: int) -> np.ndarray:
-        """The next document, cut to max_len tokens; moves to the next shard when needed."""
+        """The next document (or, under "continue", its next part) of at most max_len tokens."""
         shards_opened = 0
         while self.doc_index >= len(self.doc_starts):
-            next_shard = self.shard_index + 1
-            if next_shard >= len(self.files):
-                if not self.repeat:
-                    raise DataError(f"training data exhausted: all {len(self.files)} train shard(s) were used "
-                                    "(download more shards, train for fewer steps, or set --repeat-data true)")
-                next_shard, self.epoch = 0, self.epoch + 1
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
             shards_opened += 1
             if shards_opened > len(self.files):
                 raise DataError(f"no document start (token {self.bos_id}) in any train shard: {self.files}")
             self._open(next_shard)
-            self.doc_index = 0
-        start = int(self.doc_starts[self.doc_index])
+            self.doc_index, self.doc_offset = 0, 0
+        start = int(self.doc_starts[self.doc_index]) + self.doc_offset
         end = int(self.doc_starts[self.doc_index + 1]) if self.doc_index + 1 < len(self.doc_starts) else len(self.tokens)
-        self.doc_index += 1
-        return self.tokens[start:min(end, start + max_len)]
+        length = min(end - start, max_len)
+        if self.continue_documents and length < end - start:
+            self.doc_offset += length
+        else:
+            self.doc_index, self.doc_offset = self.doc_index + 1, 0
+        return self.tokens[start:start + length]
 
     def next_slice(self, num_tokens: int, max_seq_len: int) -> list[np.ndarray]:
         """Sequences totalling exactly num_tokens + 1 tokens (one extra for the shifted targets)."""
@@ -454,6 +573,40 @@ class DocumentStream:
         return pieces
 
 
+def describe_training_data(files: list[str], first_shard: tuple[int, np.ndarray], *,
+                           max_seq_len: int, data_stream: str, long_documents: str,
+                           warn_unseen_share: float = 0.2) -> list[str]:
+    """Start-of-run lines about the training data; a warning line when truncation hides much of it.
+
+    Document statistics come from the first shard only (the one the loader has already
+    indexed): scanning every FineWeb shard would cost seconds per shard before the run starts.
+    """
+    total = sum(read_shard_header(path) for path in files)
+    num_tokens, doc_starts = first_shard
+    bounds = np.append(doc_starts, num_tokens)
+    lengths = np.diff(bounds)
+    where = "its" if len(files) == 1 else "the first shard's"
+    line = f"train data: {len(files)} shard(s), {total:,} tokens; {where} {len(lengths):,} documents"
+    if len(lengths):
+        line += f" (median {int(np.median(lengths)):,}, max {int(lengths.max()):,} tokens)"
+    unseen = 0.0
+    if data_stream == "contiguous":
+        line += "; data_stream=contiguous: documents are cut at slice edges; every token is used but each shard's last partial step"
+    elif long_documents == "continue":
+        line += f"; long_documents=continue: documents longer than max_seq_len={max_seq_len} continue in the next sequences"
+    else:
+        past_limit = int(np.maximum(lengths - max_seq_len, 0).sum())
+        unseen = past_limit / max(int(lengths.sum()), 1)
+        line += (f"; long_documents=truncate: {100 * unseen:.1f}% of {where} tokens lie past max_seq_len={max_seq_len} "
+                 "in their document and are never trained on")
+    lines = [line]
+    if unseen > warn_unseen_share:
+        lines.append(f"warning: {100 * unseen:.0f}% of the training tokens are never seen because documents are "
+                     f"longer than max_seq_len={max_seq_len}; use --long-documents continue (or tokenise with "
+                     "data/tokenize_text.py --split-paragraphs)")
+    return lines
+
+
 class TrainLoader:
     """Distributed, BOS-aligned training batches.
 
@@ -463,12 +616,13 @@ class TrainLoader:
     """
 
     def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int,
-                 bos_id: int, repeat: bool = False, device="cpu"):
+                 bos_id: int, repeat: bool = False, long_documents: str = "truncate", index_ahead: bool = False,
+                 device="cpu"):
         if slices % world_size:
             raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
-        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat)
+        self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat, long_documents, index_ahead)
         self.rank, self.world_size, self.slices = rank, world_size, slices
-        self.max_seq_len, self.device = max_seq_len, device
+        self.max_seq_len, self.long_documents, self.device = max_seq_len, long_documents, device
 
     def next_step(self, batch_tokens: int) -> list[MicroBatch]:
         if batch_tokens % self.slices:
@@ -481,11 +635,93 @@ class TrainLoader:
                 micro.append(pack_sequences(pieces, self.device))
         return micro
 
+    def describe(self) -> list[str]:
+        return describe_training_data(self.stream.files, self.stream.first_shard, max_seq_len=self.max_seq_len,
+                                      data_stream="bos_aligned", long_documents=self.long_documents)
+
     def state_dict(self) -> dict:
         return self.stream.state()
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state(state)
+
+    def close(self) -> None:
+        self.stream.index.close()
+
+
+def split_at_documents(chunk: np.ndarray, bos_id: int, max_len: int) -> list[np.ndarray]:
+    """Cut a run of tokens (inputs plus one final target) before every BOS after its first token,
+    and inside a document every max_len inputs, so no sequence is longer than max_len."""
+    starts = np.concatenate([[0], np.flatnonzero(chunk[1:-1] == bos_id) + 1])
+    ends = np.append(starts[1:], len(chunk) - 1)
+    bounds = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, ends)] + [[len(chunk)]])
+    return [chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ContiguousLoader:
+    """The 2025-09-30 medium record's stream: contiguous slices of the token stream.
+
+    Each step reads the next batch_tokens tokens of the current shard as one window;
+    slice i is window tokens [i*L, (i+1)*L] (L = batch_tokens/slices; its last token is
+    only a target and is the next slice's first input). Rank r takes slices r, r+W, ...
+    Documents are cut at slice edges; cu_seqlens split each slice before every BOS so
+    attention stays inside documents, and every max_seq_len tokens inside a document
+    (never in the medium record, whose slices are max_seq_len long). A step that would reach the end of a shard starts
+    at the next shard instead, skipping the shard's tail, as the record did.
+    """
+
+    def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int, bos_id: int,
+                 repeat: bool = False, index_ahead: bool = False, device="cpu"):
+        if slices % world_size:
+            raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
+        self.files = list_shards(pattern, "train")
+        self.index = ShardIndex(self.files, bos_id, ahead=index_ahead, wrap=repeat)
+        self.rank, self.world_size, self.slices = rank, world_size, slices
+        self.max_seq_len, self.bos_id, self.repeat, self.device = max_seq_len, bos_id, repeat, device
+        self.shard_index, self.pos, self.epoch = 0, 0, 0
+        self.tokens, self.doc_starts = self.index.get(0)
+        self.first_shard = (len(self.tokens), self.doc_starts)  # for the start-of-run description
+
+    def _next_window(self, batch_tokens: int) -> int:
+        """Position of this step's window in self.tokens, moving to the next shard when needed."""
+        shards_tried = 0
+        while self.pos + batch_tokens + 1 >= len(self.tokens):
+            next_shard = following_shard(self.shard_index, len(self.files), self.repeat)
+            self.epoch += 1 if next_shard == 0 else 0
+            shards_tried += 1
+            if shards_tried > len(self.files):
+                raise DataError(f"no train shard holds more than batch_tokens+1 = {batch_tokens + 1} tokens "
+                                f"(needed by --data-stream contiguous): {self.files}")
+            self.tokens, self.doc_starts = self.index.get(next_shard)
+            self.shard_index, self.pos = next_shard, 0
+        start = self.pos
+        self.pos += batch_tokens
+        return start
+
+    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+        if batch_tokens % self.slices:
+            raise DataError(f"batch of {batch_tokens} tokens is not divisible into {self.slices} slices")
+        slice_tokens = batch_tokens // self.slices
+        window = self._next_window(batch_tokens)
+        micro = []
+        for i in range(self.rank, self.slices, self.world_size):
+            chunk = self.tokens[window + i * slice_tokens:window + (i + 1) * slice_tokens + 1]
+            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id, self.max_seq_len), self.device))
+        return micro
+
+    def describe(self) -> list[str]:
+        return describe_training_data(self.files, self.first_shard, max_seq_len=0,
+                                      data_stream="contiguous", long_documents="")
+
+    def state_dict(self) -> dict:
+        return {"shard_index": self.shard_index, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.doc_starts = self.index.get(state["shard_index"])
+        self.shard_index, self.pos, self.epoch = state["shard_index"], state["pos"], state["epoch"]
+
+    def close(self) -> None:
+        self.index.close()
 
 
 class SyntheticLoader:
@@ -516,11 +752,73 @@ class SyntheticLoader:
         self.step += 1
         return micro
 
+    def describe(self) -> list[str]:
+        return ["train data: synthetic random tokens in BOS-separated documents of 50-2000 tokens"]
+
     def state_dict(self) -> dict:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+
+    def close(self) -> None:
+        pass
+
+
+class PrefetchingLoader:
+    """Builds the next step's micro-batches in a background thread while this step trains.
+
+    The batches are exactly the wrapped loader's, in the same order. The next step is
+    guessed to have this step's batch size; when the guess is wrong (a batch-size stage
+    change) or the state is restored (warm-up, resume), the wrapped loader is rewound
+    to where the guess started and the batch is built synchronously. state_dict() is the
+    position after the batches handed out, not after the one being prepared, so
+    checkpoints are the same as without prefetching.
+    """
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, torch.device(device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self._pending: tuple[int, dict, Future] | None = None  # (guessed batch_tokens, state before, build)
+
+    def _build(self, batch_tokens: int) -> list[MicroBatch]:
+        micro = self.loader.next_step(batch_tokens)
+        return [mb.pin_memory() for mb in micro] if self.device.type == "cuda" else micro
+
+    def _drop_pending(self) -> None:
+        """Wait for the build in flight (its result or error is discarded) and rewind to before it."""
+        if self._pending is not None:
+            _, state, future = self._pending
+            self._pending = None
+            future.exception()
+            self.loader.load_state_dict(state)
+
+    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+        if self._pending is not None and self._pending[0] == batch_tokens:
+            future = self._pending[2]
+            self._pending = None
+            micro = future.result()  # raises what the synchronous call would have raised
+        else:
+            self._drop_pending()
+            micro = self._build(batch_tokens)
+        state = copy.deepcopy(self.loader.state_dict())
+        self._pending = (batch_tokens, state, self._executor.submit(self._build, batch_tokens))
+        return [mb.to(self.device) for mb in micro]
+
+    def describe(self) -> list[str]:
+        return self.loader.describe()
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._pending[1] if self._pending is not None else self.loader.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_pending()
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self._drop_pending()
+        self._executor.shutdown(wait=True)
+        self.loader.close()
 
 
 def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: int, chunk_tokens: int,
@@ -596,49 +894,64 @@ def make_segments(cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) ->
     return Segments(cu_seqlens.int(), max_seqlen, is_start, seq_id, position)
 
 
-def shift_to_next_position(x: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """out[t] = x[t-1] within a sequence, zero at sequence starts (nothing leaks across documents)."""
-    shifted = torch.cat([torch.zeros_like(x[:1]), x[:-1]])
+def shift_to_next_position(x: torch.Tensor, segments: Segments, mask_document_starts: bool,
+                           first: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = x[t-1]; out[0] = `first` (zeros if None). As in the records, a document's first token
+    gets the previous document's last one, unless mask_document_starts zeroes every sequence start."""
+    shifted = torch.cat([torch.zeros_like(x[:1]) if first is None else first, x[:-1]])
+    if not mask_document_starts:
+        return shifted
     keep = (~segments.is_start).view(-1, *([1] * (x.ndim - 1)))
     return shifted * keep
 
 
 # --- attention backends -------------------------------------------------------
-# All compute the same function: causal attention inside each sequence over a window
-# of recent keys. q, k, v: (T, heads, head_dim). Which keys a query sees is decided in
-# ONE place, `keys_before` + `attention_mask_allows`: the SDPA mask and the flex
-# mask_mod evaluate the predicate, and varlen's window_size is `keys_before`.
-# A backend's mask depends only on the micro-batch and the window, so the model builds
-# it once per forward and window (`ATTENTION_MASKS`) and every layer shares it.
+# All compute the same function: causal attention inside each sequence within a
+# window of `window` tokens. q, k, v: (T, heads, head_dim). block = 0: the query
+# sees itself and the `window` tokens before it (window + 1 keys, FlashAttention's
+# window_size=(window, 0) as the short record calls it); block > 0: a query in
+# block b (of `block` tokens, counted from the start of the micro-batch) sees the
+# blocks b-n+1..b, n = window // block (the medium record's flex block mask, which
+# always keeps the query's own block: n = 0 acts as 1).
+# Which keys a query sees is decided in ONE place, `attention_mask_allows` (with
+# `keys_before`): the SDPA mask and the flex mask_mod evaluate it, and varlen's
+# window_size is `keys_before`. A backend's mask depends only on the micro-batch and
+# the window, so the model builds it once per forward and window (`ATTENTION_MASKS`)
+# and every layer using that window shares it.
 
 
 def keys_before(window: int) -> int:
-    """How many earlier keys of its own sequence a query sees with a `window`-token window."""
-    return window - 1
+    """How many earlier keys of its own sequence a query sees with a token window (block = 0)."""
+    return window
 
 
-def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int):
-    return (q_seq == k_seq) & (q_pos >= k_pos) & (q_pos - k_pos <= keys_before(window))
+def attention_mask_allows(q_pos, k_pos, q_seq, k_seq, window: int, block: int = 0):
+    if block > 0:
+        near = q_pos // block - k_pos // block < max(window // block, 1)
+    else:
+        near = q_pos - k_pos <= keys_before(window)
+    return (q_seq == k_seq) & (q_pos >= k_pos) & near
 
 
-def sdpa_mask(segments: Segments, window: int) -> torch.Tensor:
+def sdpa_mask(segments: Segments, window: int, block: int = 0) -> torch.Tensor:
     """Dense (T, T) boolean mask."""
     pos, seq = torch.arange(segments.seq_id.numel(), device=segments.seq_id.device), segments.seq_id
-    return attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window)
+    return attention_mask_allows(pos[:, None], pos[None, :], seq[:, None], seq[None, :], window, block)
 
 
-def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
+def attention_sdpa(q, k, v, segments: Segments, window: int, scale: float, block: int = 0,
+                   mask=None) -> torch.Tensor:
     """Explicit (T, T) mask; the portable path (CPU, any device)."""
-    mask = sdpa_mask(segments, window) if mask is None else mask
+    mask = sdpa_mask(segments, window, block) if mask is None else mask
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                        attn_mask=mask, scale=scale)
     return y.transpose(0, 1)
 
 
-_compiled_flex = {}  # eager mode: flex_attention and create_block_mask compiled once per process
+_compiled_flex = {}  # eager mode: flex_attention compiled once per process
 
 
-def flex_block_mask(segments: Segments, window: int):
+def flex_block_mask(segments: Segments, window: int, block: int = 0):
     """Flex attention's block-sparse mask. Outside a compiled model it is built by a compiled
     function on CUDA, which evaluates the mask block by block instead of as a dense T x T tensor."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -649,20 +962,21 @@ def flex_block_mask(segments: Segments, window: int):
     seq = torch.searchsorted(segments.cu_seqlens[1:], positions, right=True)
 
     def mask_mod(batch, head, q_idx, k_idx):
-        return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window)
+        return attention_mask_allows(q_idx, k_idx, seq[q_idx], seq[k_idx], window, block)
 
     compile_it = seq.is_cuda and not torch.compiler.is_compiling()
     return create_block_mask(mask_mod, None, None, T, T, device=seq.device, _compile=compile_it)
 
 
-def attention_flex(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
+def attention_flex(q, k, v, segments: Segments, window: int, scale: float, block: int = 0,
+                   mask=None) -> torch.Tensor:
     """torch's flex attention. torch has no flex backward on CPU (eager or compiled): on CPU it
     serves evaluation and tests only; train with sdpa there."""
     from torch.nn.attention.flex_attention import flex_attention
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ConfigError("--attention-backend flex cannot train on CPU: torch's flex attention has no CPU "
                           "backward (eager or compiled); use --attention-backend sdpa on CPU")
-    block_mask = flex_block_mask(segments, window) if mask is None else mask
+    block_mask = flex_block_mask(segments, window, block) if mask is None else mask
     attend = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():  # eager flex on CUDA would materialise T x T scores
         if "flex_attention" not in _compiled_flex:
@@ -673,8 +987,10 @@ def attention_flex(q, k, v, segments: Segments, window: int, scale: float, mask=
     return attend(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1)
 
 
-def attention_varlen(q, k, v, segments: Segments, window: int, scale: float, mask=None) -> torch.Tensor:
-    """torch's varlen (FlashAttention-2-style) kernel over the cumulative sequence lengths; CUDA only."""
+def attention_varlen(q, k, v, segments: Segments, window: int, scale: float, block: int = 0,
+                     mask=None) -> torch.Tensor:
+    """torch's varlen (FlashAttention-2-style) kernel over the cumulative sequence lengths; CUDA only,
+    token windows only (resolve_attention_backend refuses block windows)."""
     from torch.nn.attention.varlen import varlen_attn
     cu, max_len = segments.cu_seqlens, segments.max_seqlen
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(keys_before(window), 0))
@@ -684,11 +1000,13 @@ ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flex": attention_flex, "varlen": 
 ATTENTION_MASKS = {"sdpa": sdpa_mask, "flex": flex_block_mask, "varlen": lambda segments, window: None}
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def resolve_attention_backend(name: str, device: torch.device, granularity: str = "token") -> str:
     if name == "auto":
-        return "varlen" if device.type == "cuda" else "sdpa"
+        return ("varlen" if granularity == "token" else "flex") if device.type == "cuda" else "sdpa"
     if name == "varlen" and device.type != "cuda":
         raise ConfigError("--attention-backend varlen needs a CUDA device; use sdpa or flex on CPU")
+    if name == "varlen" and granularity == "block":
+        raise ConfigError("--attention-backend varlen has token windows only; use flex with --window-granularity block")
     return name
 
 
@@ -834,24 +1152,43 @@ class Attention(nn.Module):
         nn.init.uniform_(qkvo[:3], -bound, bound)
         nn.init.zeros_(qkvo[3])
         self.qkvo = labelled(qkvo, "attn")
+        # NorMuon normalises per output unit of the records' (out x in) matrices: rows of Q, K, V,
+        # columns of the O stored here transposed.
+        self.qkvo.normalise_columns = (False, False, False, True)
         self.gate_dims = cfg.gate_dims
-        self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims), "attn_gate") if cfg.attn_gate else None
+        self.output_gate = None
+        if cfg.attn_gate:
+            gate_dtype = torch.float32 if cfg.fp32_gates else getattr(torch, cfg.compute_dtype)
+            self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "attn_gate")
+            self.output_gate.normalise_columns = (False,)  # per head (row), although the matrix is wide
+        self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
+        self.mask_document_starts = cfg.mask_document_starts
+        self.normed_values = cfg.value_path == "normed"
 
     def forward(self, x, value_embed, segments: Segments, window: int, qkv_scale, out_scale, rotary: Rotary,
                 attn_scale, shift_keys: bool, backend: str, mask=None) -> torch.Tensor:
+        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve.
+        mask: this window's attention mask, built once per forward (ATTENTION_MASKS)."""
         T = x.size(0)
         w = self.qkvo.type_as(x)
-        q, k, v = (qkv_scale * F.linear(x, w[:3].flatten(0, 1))).view(T, 3, self.heads, self.head_dim).unbind(1)
+        qkv = F.linear(x, w[:3].flatten(0, 1))
+        q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
         q, k = rotary(rms_norm(q), segments.position) * attn_scale, rotary(rms_norm(k), segments.position)
         if shift_keys:  # a head can match on the previous token's content through these dims
-            k = torch.where(rotary.position_free_dims(), shift_to_next_position(k, segments), k)
-        if value_embed is not None:
+            shifted = shift_to_next_position(k, segments, self.mask_document_starts, first=k[:1])
+            k = torch.where(rotary.position_free_dims(), shifted, k)
+        if self.normed_values:
+            v = qkv_scale * rms_norm(v)
+            if value_embed is not None:
+                v = v + out_scale * value_embed.view_as(v)
+        elif value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0, mask)
+        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0, self.window_block, mask)
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
-        return out_scale * (y.reshape(T, -1) @ w[3])
+        y = y.reshape(T, -1) @ w[3]
+        return y if self.normed_values else out_scale * y
 
 
 class MLP(nn.Module):
@@ -860,10 +1197,13 @@ class MLP(nn.Module):
         hidden, dim = cfg.mlp_ratio * cfg.model_dim, cfg.model_dim
         bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
         self.fc = labelled(torch.empty(hidden, dim).uniform_(-bound, bound), "mlp_fc")
-        self.proj = labelled(torch.zeros(hidden, dim), "mlp_proj")  # stored transposed: same shape as fc
+        # transposed: same shape as fc (one Muon batch); out_in: (dim x hidden) like nn.Linear
+        self.proj_transposed = cfg.mlp_proj_layout == "transposed"
+        self.proj = labelled(torch.zeros((hidden, dim) if self.proj_transposed else (dim, hidden)), "mlp_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(x, self.fc.type_as(x))).square() @ self.proj.type_as(x)
+        h = F.relu(F.linear(x, self.fc.type_as(x))).square()
+        return h @ self.proj.type_as(x) if self.proj_transposed else F.linear(h, self.proj.type_as(x))
 
 
 class Block(nn.Module):
@@ -900,19 +1240,23 @@ class GPT(nn.Module):
         self.skips = parse_skips(cfg.skip_connections)
         head = torch.empty(vocab, dim)
         nn.init.normal_(head, std=cfg.head_init_std) if cfg.head_init_std > 0 else nn.init.zeros_(head)
-        self.lm_head = labelled(head.to(dtype), "lm_head")
+        self.lm_head = labelled(head if cfg.fp32_head else head.to(dtype), "lm_head")
         # With a tied head the token embedding is the head matrix itself.
         num_tables = cfg.input_embeds - (1 if cfg.tie_embedding else 0)
         self.embeds = nn.ParameterList(labelled(torch.randn(vocab, dim).to(dtype), "embed") for _ in range(num_tables))
         num_value_embeds = len({c for c in cfg.value_embed_pattern if c != "."})
-        self.value_embeds = nn.ParameterList(labelled(torch.zeros(vocab, dim, dtype=dtype), "value_embed")
-                                             for _ in range(num_value_embeds))
-        self.smear_gate = labelled(torch.zeros(1, cfg.gate_dims, dtype=dtype), "smear_gate") if cfg.smear_gate else None
+        self.value_embeds = nn.ParameterList(
+            labelled((torch.randn(vocab, dim) * cfg.value_embed_init_std).to(dtype), "value_embed")
+            for _ in range(num_value_embeds))
+        gate_dtype = torch.float32 if cfg.fp32_gates else dtype
+        self.smear_gate = (labelled(torch.zeros(1, cfg.gate_dims, dtype=gate_dtype), "smear_gate")
+                           if cfg.smear_gate else None)
         self.blocks = nn.ModuleList(Block(cfg, c != "N") for c in cfg.window_pattern)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
-        # Every other learned scalar lives in one vector (one small optimiser group).
+        # Every other learned scalar lives in one vector (one small optimiser group). "qkv" and "out"
+        # are the sa lambdas: QKV and O scales, or on the normed value path the weights of v and ve.
         layout = {"resid": L, "qkv": L, "out": L, "skip": len(self.skips),
                   "smear": int(cfg.smear_gate), "backout": int(cfg.backout_layer >= 0)}
         self.scalar_slices, start = {}, 0
@@ -938,16 +1282,19 @@ class GPT(nn.Module):
 
     def input_embeddings(self, tokens: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
         tables = ([self.lm_head] if self.cfg.tie_embedding else []) + list(self.embeds)
-        x = F.embedding(tokens, tables[0])
+        x = F.embedding(tokens, tables[0]).to(getattr(torch, self.cfg.compute_dtype))
         if self.smear_gate is not None:  # mix in a gated share of the previous token's embedding
-            gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate))
-            x = x + self.scalar("smear").type_as(x) * gate * shift_to_next_position(x, segments)
+            gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate.type_as(x)))
+            previous = shift_to_next_position(x, segments, self.cfg.mask_document_starts)
+            x = x + self.scalar("smear").type_as(x) * gate * previous
         return [rms_norm(x)] + [rms_norm(F.embedding(tokens, table)) for table in tables[1:]]
 
-    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
+                      short_window: int | None = None) -> torch.Tensor:
+        """Windows in tokens; short_window None: the one that goes with long_window (section 6)."""
         cfg = self.cfg
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
-        backend = resolve_attention_backend(cfg.attention_backend, tokens.device)
+        backend = resolve_attention_backend(cfg.attention_backend, tokens.device, cfg.window_granularity)
         x0 = self.input_embeddings(tokens, segments)
         # Looked up once: a table serves several layers (e.g. "12......012").
         value_embeds = [F.embedding(tokens, table) for table in self.value_embeds]
@@ -956,9 +1303,10 @@ class GPT(nn.Module):
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
-        windows = {"L": long_window, "S": long_window // 2}
+        windows = {"L": long_window, "S": short_window_for(long_window, cfg) if short_window is None else short_window}
         # One mask per window, built once per forward and shared by every layer using that window.
-        masks = {windows[kind]: ATTENTION_MASKS[backend](segments, windows[kind])
+        block = cfg.window_block if cfg.window_granularity == "block" else 0
+        masks = {windows[kind]: ATTENTION_MASKS[backend](segments, windows[kind], block)
                  for kind in set(cfg.window_pattern) - {"N"}}
         saved, x = {}, x0[0]
         for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
@@ -978,9 +1326,10 @@ class GPT(nn.Module):
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)
 
-    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int) -> torch.Tensor:
+    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
+               short_window: int | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits, (T, padded vocab); for evaluation and tests."""
-        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window))
+        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window, short_window))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -991,11 +1340,11 @@ class GPT(nn.Module):
         return softcap(z.float(), cfg.softcap)
 
     def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int,
-                loss_piece: int = 0) -> torch.Tensor:
+                short_window: int | None = None, loss_piece: int = 0) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the micro-batch's tokens. With loss_piece > 0 the
         head and loss run over pieces of that many tokens, so a long validation chunk never holds
         all its (T x vocab) logits at once."""
-        x = self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window)
+        x = self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window, short_window)
         piece = loss_piece if 0 < loss_piece < x.size(0) else x.size(0)
         return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
                    for i in range(0, x.size(0), piece))
@@ -1037,6 +1386,11 @@ def check_model_config(cfg: Config) -> None:
         raise ConfigError(f"--attention-backend {cfg.attention_backend!r}: choose auto, {', '.join(ATTENTION_BACKENDS)}")
     if cfg.compute_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"--compute-dtype {cfg.compute_dtype!r}: choose bfloat16 or float32")
+    choices = {"window_granularity": ("token", "block"), "value_path": ("scaled", "normed"),
+               "mlp_proj_layout": ("transposed", "out_in")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(allowed)}")
 # --- end model section ---
 
 
@@ -1327,6 +1681,7 @@ def check_optimizer_config(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"--{field_name.replace('_', '-')} {getattr(cfg, field_name)!r}: {message}")
     choices = {"optimizer": ("normuon", "muon", "adamw"), "wd_style": ("cautious", "decoupled"),
+               "muon_shape_factor": ("parameter", "matrix"),
                "adam_moment_init": ("zeros", "first_grad"), "adam_eps_schedule": ("constant", "linear", "geometric"),
                "orthogonalizer": tuple(ORTHOGONALIZERS)}
     for name, allowed in choices.items():
@@ -1380,10 +1735,11 @@ def weight_decay_per_step(style: str, wd: float, lr_t: float, eff_lr):
 
 def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, cautious: bool) -> torch.Tensor:
     """param - decay*param - eff_lr*direction (fp32). Cautious: decay only where direction and
-    param have the same sign, i.e. where the update already pulls the weight towards zero."""
+    param do not have opposite signs (as the records: a zero update, e.g. an embedding row absent
+    from the batch, is decayed too)."""
     shrink = param * decay
     if cautious:
-        shrink = shrink * ((direction * param) > 0)
+        shrink = shrink * ((direction * param) >= 0)
     return param - shrink - eff_lr * direction
 
 
@@ -1397,6 +1753,7 @@ class AdamSettings:
     eps: float
     weight_decay: float
     wd_style: str = "cautious"
+    wd_linear_lr_mult: bool = False  # cautious decay wd*lr^2*m instead of the record's wd*(lr*m)^2
     every: int = 1  # step every N-th step, on the sum of those steps' gradients
     bias_correction: bool = True
     moment_init: str = "zeros"
@@ -1561,7 +1918,9 @@ class DistAdam:
         rows = slice(0, slot.owned)
         direction = adam_direction(grad, slot.exp_avg[rows], slot.exp_avg_sq[rows], self.updates, s, eps)
         eff_lr = lr_t * slot.lr_mult
-        decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_t, eff_lr)
+        # The record's cautious Adam decay is wd*(lr*m)^2: the label multiplier m is squared too.
+        lr_for_decay = lr_t if s.wd_style != "cautious" or s.wd_linear_lr_mult else eff_lr
+        decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_for_decay, eff_lr)
         flat = slot.flat(slot.param.data)
         owned = flat[slot.start: slot.start + slot.owned]
         new = decayed_step(owned.float(), direction, eff_lr, decay, s.wd_style == "cautious")
@@ -1600,6 +1959,7 @@ class MuonSettings:
     orthogonalize: object  # ORTHOGONALIZERS entry, called as (G, steps)
     orthogonalize_steps: int = 5
     wd_style: str = "cautious"
+    shape_factor: str = "parameter"  # parameter | matrix: what sqrt(max(1, rows/cols)) is taken of
     variance_reduction: bool = True  # NorMuon
     beta2: float = 0.95
     smoothing: float = 0.0
@@ -1623,12 +1983,23 @@ def nesterov_input(grad: torch.Tensor, momentum_buffer: torch.Tensor, momentum: 
     return grad.lerp(momentum_buffer, momentum)
 
 
-def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon: EMA (beta2) of the mean square along the shorter axis (per row when rows >= cols,
-    per column otherwise), divide by its sqrt, and rescale to keep each matrix's Frobenius norm."""
-    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
-    second_moment.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-    scaled = update * second_moment.clamp_min(1e-10).rsqrt()
+def normuon_rescale(update: torch.Tensor, row_moment, col_moment, beta2: float, per_column=None) -> torch.Tensor:
+    """NorMuon: EMA (beta2) of the mean square per row (row_moment, (..., rows, 1)) or per column
+    (col_moment, (..., 1, cols)), divide by its sqrt, and rescale to keep each matrix's Frobenius
+    norm. Pass one moment (the other None), or both and a (..., 1, 1) bool `per_column` choosing
+    per matrix."""
+    square = update.square()
+    if row_moment is not None:
+        row_moment.lerp_(square.mean(dim=-1, keepdim=True), 1 - beta2)
+    if col_moment is not None:
+        col_moment.lerp_(square.mean(dim=-2, keepdim=True), 1 - beta2)
+    if col_moment is None:
+        inverse_rms = row_moment.clamp_min(1e-10).rsqrt()
+    elif row_moment is None:
+        inverse_rms = col_moment.clamp_min(1e-10).rsqrt()
+    else:
+        inverse_rms = torch.where(per_column, col_moment.clamp_min(1e-10).rsqrt(), row_moment.clamp_min(1e-10).rsqrt())
+    scaled = update * inverse_rms
     norm_before = update.norm(dim=(-2, -1), keepdim=True)
     norm_after = scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
     return scaled * (norm_before / norm_after)
@@ -1642,15 +2013,19 @@ class MuonShapeGroup:
         self.rows, self.cols = shape
         self.world_size = world_size
         self.params, self.segments = [], []  # segments: (param, first, end) index range in the stack
-        lr_scales, wd_mults = [], []
-        shape_scale = math.sqrt(max(1.0, self.rows / self.cols))
+        lr_scales, wd_mults, per_column = [], [], []
         for _, p, lr_mult, wd_mult in entries:
             first = sum(end - begin for _, begin, end in self.segments)
             count = p.numel() // (self.rows * self.cols)
             self.params.append(p)
             self.segments.append((p, first, first + count))
-            lr_scales += [shape_scale * lr_mult] * count
+            # "parameter": leading dims count as rows, so the fused (4, 768, 768) QKVO is (3072 x 768).
+            lr_rows = self.rows * count if settings.shape_factor == "parameter" else self.rows
+            lr_scales += [math.sqrt(max(1.0, lr_rows / self.cols)) * lr_mult] * count
             wd_mults += [wd_mult] * count
+            # NorMuon axis: the param's `normalise_columns` (one flag per matrix) where the model
+            # sets it, else per row when rows >= cols and per column otherwise.
+            per_column += list(getattr(p, "normalise_columns", (self.rows < self.cols,) * count))
         self.count = len(lr_scales)
         self.chunk = -(-self.count // world_size)
         self.start = rank * self.chunk
@@ -1667,9 +2042,12 @@ class MuonShapeGroup:
         self.grad_full = torch.zeros(full, device=device) if world_size > 1 else self.grad_chunk
         self.param_full = torch.zeros(full, device=device) if world_size > 1 else self.param_chunk
         self.momentum_buffer = torch.zeros(matrix, device=device)
-        row_axis = self.rows >= self.cols
-        self.second_moment = (torch.zeros(self.chunk, self.rows if row_axis else 1, 1 if row_axis else self.cols,
-                                          device=device) if settings.variance_reduction else None)
+        per_column = torch.tensor(per_column + [False] * len(pad), device=device)[owned]
+        self.per_column = per_column.view(-1, 1, 1)
+        any_rows, any_columns = settings.variance_reduction and not per_column.all(), per_column.any()
+        self.row_moment = torch.zeros(self.chunk, self.rows, 1, device=device) if any_rows else None
+        self.col_moment = (torch.zeros(self.chunk, 1, self.cols, device=device)
+                           if settings.variance_reduction and any_columns else None)
         self.smoothed = torch.zeros(matrix, device=device) if settings.smoothing_enabled else None
         self.arrived = 0
         self.launched = False
@@ -1720,7 +2098,8 @@ class MuonShapeGroup:
 class Muon:
     """Muon / NorMuon over labelled matrix params (any leading dims are a batch of matrices).
     Per step: Nesterov momentum, orthogonalise, optional NorMuon variance reduction, optional
-    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u.
+    EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u, rows
+    and cols those of the stored parameter or of each matrix (settings.shape_factor).
     Distributed by shape: reduce-scatter the stacked gradients, update the owned chunk as one
     batch, all-gather the new weights."""
 
@@ -1757,8 +2136,8 @@ class Muon:
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
         update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps).float()
-        if group.second_moment is not None:
-            update = normuon_rescale(update, group.second_moment, s.beta2)
+        if s.variance_reduction:
+            update = normuon_rescale(update, group.row_moment, group.col_moment, s.beta2, group.per_column)
         if group.smoothed is not None:  # zero-initialised, no bias correction
             group.smoothed.mul_(smoothing).add_(update, alpha=1 - smoothing)
             update = group.smoothed
@@ -1787,12 +2166,13 @@ class Muon:
 
     def state_dict(self) -> dict:
         return {"momentum_buffer": [g.momentum_buffer for g in self.groups],
-                "second_moment": [g.second_moment for g in self.groups],
+                "row_moment": [g.row_moment for g in self.groups],
+                "col_moment": [g.col_moment for g in self.groups],
                 "smoothed": [g.smoothed for g in self.groups]}
 
     def load_state_dict(self, state: dict) -> None:
         for i, group in enumerate(self.groups):
-            for name in ("momentum_buffer", "second_moment", "smoothed"):
+            for name in ("momentum_buffer", "row_moment", "col_moment", "smoothed"):
                 mine, saved = getattr(group, name), state[name][i]
                 if (mine is None) != (saved is None):
                     raise ValueError(f"optimiser state mismatch in Muon {name}: saved with other settings")
@@ -1882,7 +2262,8 @@ class OptimizerSet:
             def entries(labels):
                 return [(n, p, lr_mults.get(label, 1.0), wd_mults.get(label, 1.0))
                         for n, p, label in named if label in labels]
-            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every, **adam_options)
+            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
+                          wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
             # Adam first: the head's gradient is the first to be ready in backward.
             self.members = []
             if entries(ADAM_LABELS):
@@ -1896,6 +2277,7 @@ class OptimizerSet:
                 self.members.append(Muon(entries(MUON_LABELS), MuonSettings(
                     lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
                     orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
+                    shape_factor=cfg.muon_shape_factor,
                     variance_reduction=cfg.optimizer == "normuon", beta2=cfg.normuon_beta2,
                     smoothing=cfg.muon_smoothing, smoothing_start=cfg.muon_smoothing_start,
                     smoothing_steps=cfg.muon_smoothing_steps), rank, world_size))
@@ -1976,7 +2358,7 @@ def batch_tokens_at(step: int, cfg: Config) -> int:
 
 
 def long_window_at(step: int, cfg: Config) -> int:
-    """Long attention window in tokens (short windows are half of it)."""
+    """Long attention window in tokens (short windows: short_window_for)."""
     if cfg.window_schedule == "cubic":  # medium track: grows smoothly, flattens, then rises again
         x = min(step / cfg.num_iterations, 1.0)
         tokens = cfg.window_cubic_max_tokens * (4 * x**3 - 6 * x**2 + 3 * x)
@@ -1985,6 +2367,18 @@ def long_window_at(step: int, cfg: Config) -> int:
     stages = cfg.long_window_blocks_stages
     blocks = stages[min(i, len(stages) - 1)] if i < len(cfg.batch_tokens_stages) else cfg.long_window_blocks_extension
     return blocks * cfg.window_block
+
+
+def short_window_for(long_window: int, cfg: Config) -> int:
+    """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6)."""
+    return long_window // cfg.window_block // 2 * cfg.window_block
+
+
+def final_val_windows(cfg: Config) -> tuple[int, int]:
+    """(long, short) at the final validation: the long window jumps to long_window_blocks_final_val,
+    the short layers keep the last training step's window (short record: 20 and 6 blocks)."""
+    return (cfg.long_window_blocks_final_val * cfg.window_block,
+            short_window_for(long_window_at(total_steps(cfg) - 1, cfg), cfg))
 
 
 def lr_multiplier_at(step: int, cfg: Config) -> float:
@@ -2001,14 +2395,15 @@ def lr_multiplier_at(step: int, cfg: Config) -> float:
 
 
 def muon_momentum_at(step: int, cfg: Config) -> float:
-    """Warm up from momentum_min to momentum_max, cool back down over the last scheduled steps."""
+    """Warm up from momentum_min to momentum_max, cool back down over the last steps of the whole
+    run, extension included (short record: 1950 -> 2000)."""
     lo, hi = cfg.momentum_min, cfg.momentum_max
     if cfg.momentum_warmup_steps > 0:
         warm = min(step / cfg.momentum_warmup_steps, 1.0)
         momentum = lo + (hi - lo) * warm
     else:
         momentum = hi
-    cool_start = cfg.num_iterations - cfg.momentum_cooldown_steps
+    cool_start = total_steps(cfg) - cfg.momentum_cooldown_steps
     if cfg.momentum_cooldown_steps > 0 and step >= cool_start:
         cool = min((step - cool_start) / cfg.momentum_cooldown_steps, 1.0)
         momentum = momentum + (lo - momentum) * cool
@@ -2174,6 +2569,10 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise ConfigError(message)
     if cfg.data not in ("fineweb", "synthetic"):
         fail(f"--data {cfg.data!r}: choose fineweb or synthetic")
+    if cfg.data_stream not in DATA_STREAMS:
+        fail(f"--data-stream {cfg.data_stream!r}: choose one of {', '.join(DATA_STREAMS)}")
+    if cfg.long_documents not in LONG_DOCUMENT_MODES:
+        fail(f"--long-documents {cfg.long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         fail(f"--device {cfg.device!r}: choose auto, cuda or cpu")
     if cfg.num_iterations <= 0 or cfg.extension_iterations < 0:
@@ -2229,11 +2628,20 @@ def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def make_train_loader(cfg: Config, rank: int, world_size: int, device):
+    # With prefetching the loader builds host tensors in a thread and the wrapper moves them to the device.
+    build_on = "cpu" if cfg.data_prefetch else device
     if cfg.data == "synthetic":
-        return SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                               bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=device)
-    return TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                       bos_id=cfg.bos_id, repeat=cfg.repeat_data, device=device)
+        loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                                 bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=build_on)
+    elif cfg.data_stream == "contiguous":
+        loader = ContiguousLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices,
+                                  max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id, repeat=cfg.repeat_data,
+                                  index_ahead=cfg.data_prefetch, device=build_on)
+    else:
+        loader = TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
+                             bos_id=cfg.bos_id, repeat=cfg.repeat_data, long_documents=cfg.long_documents,
+                             index_ahead=cfg.data_prefetch, device=build_on)
+    return PrefetchingLoader(loader, device) if cfg.data_prefetch else loader
 
 
 def val_chunk_tokens(cfg: Config) -> int:
@@ -2257,7 +2665,8 @@ def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[Mi
                                    chunk_tokens=val_chunk_tokens(cfg), bos_id=cfg.bos_id, device=device))
 
 
-def micro_batch_loss(model, mb: MicroBatch, long_window: int, max_seqlen: int, loss_piece: int = 0) -> torch.Tensor:
+def micro_batch_loss(model, mb: MicroBatch, long_window: int, max_seqlen: int, short_window: int | None = None,
+                     loss_piece: int = 0) -> torch.Tensor:
     """Summed loss of one micro-batch.
 
     max_seqlen must be a constant of the run (cfg.max_seq_len in training, the chunk length in
@@ -2267,17 +2676,17 @@ def micro_batch_loss(model, mb: MicroBatch, long_window: int, max_seqlen: int, l
     if mb.max_seqlen > max_seqlen:
         raise ValueError(f"a sequence of {mb.max_seqlen} tokens exceeds max_seqlen {max_seqlen}")
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window, loss_piece)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window, short_window, loss_piece)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int,
-             loss_piece: int = 0) -> float:
+             short_window: int | None = None, loss_piece: int = 0) -> float:
     """Mean per-token validation loss over all ranks' chunks (summed, then divided once)."""
     device = batches[0].inputs.device
     total = torch.zeros((), device=device, dtype=torch.float64)
     for mb in batches:
-        total += micro_batch_loss(model, mb, long_window, mb.inputs.numel(), loss_piece).double()
+        total += micro_batch_loss(model, mb, long_window, mb.inputs.numel(), short_window, loss_piece).double()
     sums = torch.stack([total, torch.tensor(float(sum(mb.inputs.numel() for mb in batches)), device=device,
                                             dtype=torch.float64)])
     if world_size > 1:
@@ -2301,11 +2710,13 @@ def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cf
     return loss_sum
 
 
-def validation_windows(cfg: Config) -> list[int]:
-    """Every long window a validation of the run uses (the loop validates with the window of the step before)."""
+def validation_windows(cfg: Config) -> list[tuple]:
+    """Every (long, short) window pair a validation of the run uses: the loop validates with the
+    window of the step before (short window None: the one that goes with it), then the final pair."""
     steps = total_steps(cfg)
-    windows = [long_window_at(max(step - 1, 0), cfg) for step in range(0, steps, cfg.val_every)] if cfg.val_every > 0 else []
-    return list(dict.fromkeys(windows + [cfg.long_window_blocks_final_val * cfg.window_block]))
+    windows = [(long_window_at(max(step - 1, 0), cfg), None)
+               for step in range(0, steps, cfg.val_every)] if cfg.val_every > 0 else []
+    return list(dict.fromkeys(windows + [final_val_windows(cfg)]))
 
 
 def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, val_batches) -> None:
@@ -2325,8 +2736,8 @@ def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, 
         for _ in range(per_shape):
             train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
             step += 1
-    for window in validation_windows(cfg):
-        evaluate(model, val_batches[:1], window, 1, train_micro_batch_tokens(cfg))
+    for long_window, short_window in validation_windows(cfg):
+        evaluate(model, val_batches[:1], long_window, 1, short_window, train_micro_batch_tokens(cfg))
     raw_model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
     loader.load_state_dict(saved_loader)
@@ -2355,11 +2766,14 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
     log = RunLogger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if rank == 0 else None, echo=rank == 0)
     try:
         write_log_header(log, cfg, argv, world_size, device)
+        for line in loader.describe():
+            log(line)
         return run_training(cfg, argv, log, loader, val_batches, rank, world_size, device)
     except BaseException as e:
         log(f"error: {type(e).__name__}: {e}".splitlines()[0])
         raise
     finally:
+        loader.close()
         log.close()
 
 
@@ -2400,8 +2814,8 @@ def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: i
         if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
             sync()
             train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for validation
-            eval_window = cfg.long_window_blocks_final_val * cfg.window_block if last_step else long_window
-            val_loss = evaluate(model, val_batches, eval_window, world_size, train_micro_batch_tokens(cfg))
+            eval_long, eval_short = final_val_windows(cfg) if last_step else (long_window, None)
+            val_loss = evaluate(model, val_batches, eval_long, world_size, eval_short, train_micro_batch_tokens(cfg))
             if not math.isfinite(val_loss):
                 raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
             log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "

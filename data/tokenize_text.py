@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt import write_shard  # noqa: E402  (one shard writer for the whole repository)
+from train_gpt import PRESETS, write_shard  # noqa: E402  (one shard writer for the whole repository)
 
 BOS = 50256
 MAX_SHARD_TOKENS = 100_000_000
@@ -47,6 +47,21 @@ def tokenize(docs: list[str]) -> np.ndarray:
     return np.array(out, dtype=np.uint16)
 
 
+def length_report(tokens: np.ndarray, split_paragraphs: bool) -> list[str]:
+    """Document-length distribution, and a hint when most documents exceed the cpu preset's sequence limit."""
+    starts = np.flatnonzero(tokens == BOS)
+    lengths = np.diff(np.append(starts, len(tokens)))
+    limit = PRESETS["cpu"]["max_seq_len"]
+    longer = int((lengths > limit).sum())
+    lines = [f"document lengths (tokens, BOS included): count {len(lengths):,}, median {int(np.median(lengths)):,}, "
+             f"max {int(lengths.max()):,}; {longer:,} longer than {limit} (the cpu preset's max_seq_len)"]
+    if longer > len(lengths) / 2 and not split_paragraphs:
+        lines.append(f"hint: most documents are longer than {limit} tokens; --split-paragraphs makes each "
+                     "blank-line-separated paragraph its own document (training with --long-documents continue "
+                     "also uses every token)")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", metavar="FILE")
@@ -74,6 +89,8 @@ def main(argv=None) -> int:
         write_shard(path, chunk)
         print(f"{path}: {len(chunk):,} tokens")
     print(f"total: {len(tokens):,} tokens in {len(docs):,} documents")
+    for line in length_report(tokens, args.split_paragraphs):
+        print(line)
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import difflib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -17,12 +18,14 @@ import subprocess
 import sys
 
 from . import folders, stats
-from .logs import LogError, RunLog, load_runs, log_paths, parse_log, script_bytes
+from .logs import FORMAT_UPSTREAM, LogError, RunLog, load_runs, log_paths, parse_log, script_bytes
 
 # Options of train_gpt.py that reproduce sets itself, so a rerun never writes over a log.
 OWN_OPTIONS = ("--run-id", "--run_id", "--log-dir", "--log_dir")
-JSON_KEYS = ("n", "mean", "std", "ci99", "p_value", "target",
-             "time_mean", "time_std", "time_ci99", "ms_per_iter", "boot_frac_below_001")
+# Results, then every input that shaped them, so a JSON line can be recomputed on its own.
+JSON_KEYS = ("n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems",
+             "time_mean", "time_std", "time_ci99", "ms_per_iter", "boot_frac_below_001",
+             "losses", "times_ms", "iterations", "boot_resamples", "boot_sample_size", "boot_seed", "sources")
 
 
 class UsageError(ValueError):
@@ -43,7 +46,7 @@ def describe(run: RunLog) -> str:
         if run.val_steps:
             head += f", last val_loss {run.val_steps[-1].val_loss:.4f} at step {run.val_steps[-1].step}"
     missing = run.missing()
-    return f"{run.path}: {head}" + (f"; missing: {'; '.join(missing)}" if missing else "")
+    return f"{run.path}: {run.format_description}, {head}" + (f"; missing: {'; '.join(missing)}" if missing else "")
 
 
 def cmd_check(args) -> int:
@@ -66,7 +69,7 @@ def cmd_check(args) -> int:
 
 def cmd_new(args) -> int:
     folder = folders.new_record(args.logs, args.track, args.name, date=args.date, target=args.target,
-                                records_dir=args.records_dir)
+                                records_dir=args.records_dir, allow_not_significant=args.allow_not_significant)
     print(f"created {folder}")
     print("next: fill in 'What changed and why' in its README.md")
     if not args.no_index:
@@ -79,7 +82,10 @@ def cmd_new(args) -> int:
 
 
 def cmd_index(args) -> int:
-    print(f"updated {folders.write_index(args.records_dir)}")
+    skipped = []
+    print(f"updated {folders.write_index(args.records_dir, skipped)}")
+    for line in skipped:
+        print(f"skipped {line}")
     return 0
 
 
@@ -91,6 +97,9 @@ def cmd_stats(args) -> int:
     if args.values:
         if args.target is None:
             raise UsageError("--values needs --target")
+        if args.times and len(args.times) != len(args.values):
+            raise UsageError(f"--times has {len(args.times)} values but --values has {len(args.values)}; "
+                             "give one time per run")
         losses, times, target, iterations = args.values, args.times, args.target, args.iterations
     elif args.sources:
         if args.times:
@@ -111,6 +120,8 @@ def cmd_stats(args) -> int:
         raise UsageError("--sample-size goes with --bootstrap")
     result = stats.record_stats(losses, target, times_ms=times, iterations=iterations, bootstrap=args.bootstrap,
                                 sample_size=args.sample_size, seed=args.seed)
+    if args.sources:
+        result["sources"] = [r.path for r in runs]
     if args.json:
         print(json.dumps({k: result[k] for k in JSON_KEYS if k in result}))
     else:
@@ -140,7 +151,10 @@ def comparison(a_runs: list[RunLog], b_runs: list[RunLog]) -> dict:
         times = stats.summarize([r.final_train_time_ms / 1000 for r in runs])
         losses = stats.summarize([r.final_val_loss for r in runs])
         return {"n": times.n, "time_mean_s": times.mean, "time_std_s": times.std,
-                "loss_mean": losses.mean, "loss_std": losses.std}
+                "loss_mean": losses.mean, "loss_std": losses.std,
+                # the inputs, so the JSON can be checked on its own
+                "logs": [r.path for r in runs], "times_ms": [r.final_train_time_ms for r in runs],
+                "losses": [r.final_val_loss for r in runs]}
     a, b = side(a_runs), side(b_runs)
     return {
         "a": a, "b": b,
@@ -186,18 +200,24 @@ def cmd_compare(args) -> int:
 
 # --- plot -------------------------------------------------------------------------
 
-def cmd_plot(args) -> int:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("plot needs matplotlib, which is not installed: pip install matplotlib") from None
+def loss_axis_range(losses: list[float], target: float | None, zoom: float) -> tuple[float, float]:
+    """Loss axis from just below the lowest loss (or target) to `zoom` above the target (or the lowest loss)."""
+    top_ref = target if target is not None else min(losses)
+    low = min([*losses, top_ref])
+    high = max(top_ref + zoom, low + zoom)
+    pad = 0.05 * (high - low)
+    return low - pad, high
+
+
+def draw_curves(records: list[str], zoom: float | None, ylim=None, target: float | None = None):
+    """The figure of `plot`: val loss against time and against step, one colour per record."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    plotted = 0
-    targets = set()
-    for i, record in enumerate(args.records):
+    plotted, targets, losses, labels = 0, set(), [], []
+    for i, record in enumerate(records):
         label = os.path.basename(os.path.normpath(record))
         color = colors[i % len(colors)]
         for j, path in enumerate(log_paths(record)):
@@ -210,11 +230,15 @@ def cmd_plot(args) -> int:
             kwargs = {"color": color, "alpha": 0.8, "marker": ".", "label": label if j == 0 else None}
             by_time.plot([v.train_time_ms / 1000 for v in points], [v.val_loss for v in points], **kwargs)
             by_step.plot([v.step for v in points], [v.val_loss for v in points], **kwargs)
+            losses += [v.val_loss for v in points]
             plotted += 1
+        labels.append(label)
     if not plotted:
         plt.close(fig)
         raise UsageError("nothing to plot: no log has validation lines")
-    target = targets.pop() if len(targets) == 1 else None  # only a target all runs share is drawn
+    targets.discard(None)  # upstream logs carry no target
+    if target is None:
+        target = targets.pop() if len(targets) == 1 else None  # only a target all runs share is drawn
     for axis, xlabel in ((by_time, "training time (s)"), (by_step, "step")):
         if target is not None:
             axis.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:g}")
@@ -222,10 +246,23 @@ def cmd_plot(args) -> int:
         axis.set_ylabel("val loss")
         axis.grid(alpha=0.3)
         axis.legend()
-    if args.ylim:
-        for axis in (by_time, by_step):
-            axis.set_ylim(*args.ylim)
+        if ylim:
+            axis.set_ylim(*ylim)
+        elif zoom is not None:
+            axis.set_ylim(*loss_axis_range([x for x in losses if math.isfinite(x)], target, zoom))
+    title = "val loss: " + " vs ".join(labels) + (f" (target {target:g})" if target is not None else "")
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig, plotted
+
+
+def cmd_plot(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    import matplotlib.pyplot as plt
+    fig, plotted = draw_curves(args.records, None if args.full_range else args.zoom, args.ylim, args.target)
     fig.savefig(args.output, dpi=120)
     plt.close(fig)
     print(f"wrote {args.output} ({plotted} run(s))")
@@ -249,13 +286,17 @@ def strip_options(argv: list[str], names) -> list[str]:
 
 def launch_argv(run: RunLog, script: str, run_id: str, log_dir: str, extra: list[str],
                 nproc_per_node: int | None = None) -> list[str]:
-    """The recorded launch (python or torchrun), pointed at `script` and at a fresh run id and log dir."""
-    if not run.command:
+    """The recorded launch (python or torchrun), pointed at `script` and at a fresh run id and log dir.
+
+    Upstream scripts take no such options (they write logs/<uuid>.txt themselves), so they get none.
+    """
+    command = run.launch_command
+    if not command:
         raise LogError(f"{run.path}: no 'command:' header line; cannot tell how the run was launched")
-    words = shlex.split(run.command)
+    words = shlex.split(command)
     at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
     if at is None or at == 0:
-        raise LogError(f"{run.path}: cannot find the script in the command line {run.command!r}")
+        raise LogError(f"{run.path}: cannot find the script in the command line {command!r}")
     launcher, args = words[:at], run.argv if run.argv is not None else words[at + 1:]
     program = os.path.basename(launcher[0])
     if program.startswith("python"):
@@ -268,18 +309,88 @@ def launch_argv(run: RunLog, script: str, run_id: str, log_dir: str, extra: list
             launcher = strip_options(launcher, ("--nproc_per_node", "--nproc-per-node"))
             launcher.append(f"--nproc_per_node={nproc_per_node}")
     else:
-        raise LogError(f"{run.path}: unknown launcher {launcher[0]!r} in {run.command!r}")
-    return launcher + [script] + strip_options(args, OWN_OPTIONS) + extra + ["--run-id", run_id, "--log-dir", log_dir]
+        raise LogError(f"{run.path}: unknown launcher {launcher[0]!r} in {command!r}")
+    own = [] if run.format == FORMAT_UPSTREAM else ["--run-id", run_id, "--log-dir", log_dir]
+    return launcher + [script] + strip_options(args, OWN_OPTIONS) + extra + own
 
 
-def fresh_logs_dir(folder: str) -> str:
+def processes_of(argv: list[str]) -> int:
+    """Processes a launch starts: torchrun's --nproc_per_node (1 when absent), else 1."""
+    for i, arg in enumerate(argv):
+        for name in ("--nproc_per_node", "--nproc-per-node"):
+            if arg == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(name + "="):
+                value = arg[len(name) + 1:]
+            else:
+                continue
+            if not value.isdigit():
+                raise LogError(f"{name}={value}: reproduce needs a number of processes ('gpu'/'auto' are not "
+                               "checked); pass --nproc-per-node N")
+            return int(value)
+    return 1
+
+
+def machine_devices() -> tuple[int, int]:
+    """(CUDA GPUs, CPU cores) of this machine."""
+    import torch  # imported here: the other commands do not need it
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 0), (os.cpu_count() or 1)
+
+
+def check_machine(run: RunLog, argv: list[str], extra: list[str], folder: str) -> None:
+    """Refuse, in one line, a launch this machine cannot run, before torchrun turns it into a traceback."""
+    processes = processes_of(argv)
+    gpus, cores = machine_devices()
+    device = run.device or ("cuda" if run.format == FORMAT_UPSTREAM else "")
+    forced_cpu = any(a in ("--device=cpu",) for a in extra) or any(
+        a == "--device" and b == "cpu" for a, b in zip(extra, extra[1:]))
+    if device.startswith("cuda") and not forced_cpu:
+        if gpus == 0:
+            hint = "" if run.format == FORMAT_UPSTREAM else " (or pass `-- --device cpu` to try this script on the CPU)"
+            raise LogError(f"{folder}: the record ran on {device}, and this machine has no CUDA GPU; run it on a "
+                           f"GPU machine{hint}")
+        if processes > gpus:
+            raise LogError(f"{folder}: the record's command starts {processes} processes, one per GPU, and this "
+                           f"machine has {gpus} CUDA GPU(s); pass --nproc-per-node {gpus}")
+    elif processes > cores:
+        raise LogError(f"{folder}: the record's command starts {processes} processes and this machine has "
+                       f"{cores} CPU core(s); pass --nproc-per-node {cores}")
+
+
+def planned_logs_dir(folder: str) -> str:
+    """A new logs/reproduce/<record>_<time> path (not created here, so --dry-run leaves nothing behind)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     base = os.path.join(folders.REPO_ROOT, "logs", "reproduce", f"{os.path.basename(os.path.normpath(folder))}_{stamp}")
     path, k = base, 1
     while os.path.exists(path):
         path, k = f"{base}_{k}", k + 1
-    os.makedirs(path)
     return path
+
+
+def text_files(*roots: str) -> dict:
+    """{path: mtime} of every .txt under the given folders."""
+    found = {}
+    for root in roots:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                if name.endswith(".txt"):
+                    path = os.path.join(directory, name)
+                    found[path] = os.path.getmtime(path)
+    return found
+
+
+def find_new_log(expected: str, before: dict, roots: list[str], run_number: int) -> str:
+    """The log a run wrote: where it was told to write it, else the newest .txt that appeared under `roots`."""
+    if os.path.exists(expected):
+        return expected
+    new = sorted((p for p, mtime in text_files(*roots).items() if before.get(p) != mtime),
+                 key=lambda p: os.path.getmtime(p))
+    if not new:
+        raise LogError(f"run {run_number} wrote no log: not at {expected}, and no new .txt under "
+                       + ", ".join(roots))
+    if len(new) > 1:
+        print(f"note: run {run_number} left {len(new)} new .txt files; taking the newest", file=sys.stderr)
+    return new[-1]
 
 
 def cmd_reproduce(args) -> int:
@@ -290,10 +401,9 @@ def cmd_reproduce(args) -> int:
     record_runs = load_runs([folder])
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
-    logs_dir = os.path.abspath(args.logs_dir) if args.logs_dir else fresh_logs_dir(folder)
-    script_arg = os.path.relpath(os.path.abspath(script), folders.REPO_ROOT)
-    if script_arg.startswith(".."):
-        script_arg = os.path.abspath(script)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise UsageError("--nproc-per-node must be at least 1")
+    logs_dir = os.path.abspath(args.logs_dir) if args.logs_dir else planned_logs_dir(folder)
     plans = []
     for i in range(args.runs):
         source = record_runs[i % len(record_runs)]  # reruns cycle through the record's runs (and seeds)
@@ -301,25 +411,34 @@ def cmd_reproduce(args) -> int:
         log_path = os.path.join(logs_dir, f"{run_id}.txt")
         if os.path.exists(log_path):
             raise UsageError(f"{log_path} already exists; choose another --logs-dir")
-        plans.append((launch_argv(source, script_arg, run_id, logs_dir, args.extra, args.nproc_per_node), log_path))
+        argv = launch_argv(source, folders.repo_path(script), run_id, logs_dir, args.extra, args.nproc_per_node)
+        plans.append((argv, log_path))
+    try:
+        check_machine(record_runs[0], plans[0][0], args.extra, folder)
+    except LogError as e:
+        if not args.dry_run:
+            raise
+        print(f"warning: {e}", file=sys.stderr)  # a dry run only shows the commands, so it may be made anywhere
     new_logs = []
+    # Scripts that ignore --log-dir write where they like; upstream ones write logs/<uuid>.txt from the cwd.
+    roots = [logs_dir, os.path.join(folders.REPO_ROOT, "logs")]
     for i, (command, log_path) in enumerate(plans):
         print(f"[{i + 1}/{len(plans)}] (cwd {folders.REPO_ROOT}) {shlex.join(command)}", flush=True)
         if args.dry_run:
             continue
         os.makedirs(logs_dir, exist_ok=True)
+        before = text_files(*roots)
         code = subprocess.run(command, cwd=folders.REPO_ROOT).returncode
         if code != 0:
-            raise LogError(f"run {i + 1} failed with exit code {code}; log: {log_path}")
-        if not os.path.exists(log_path):
-            raise LogError(f"run {i + 1} wrote no log at {log_path}")
-        new_logs.append(log_path)
+            where = log_path if os.path.exists(log_path) else "see the output above"
+            raise LogError(f"run {i + 1} failed with exit code {code}; log: {where}")
+        new_logs.append(find_new_log(log_path, before, roots, i + 1))
     if args.dry_run:
         return 0
     script_of_new = parse_log(new_logs[0]).script
     if script_of_new != record_runs[0].script:
         print("warning: the new logs embed a script that differs from the record's", file=sys.stderr)
-    print(f"new logs in {logs_dir}")
+    print("new logs: " + " ".join(new_logs))
     c = comparison(record_runs, load_runs(new_logs))
     print(format_comparison(c, f"record {os.path.basename(os.path.normpath(folder))}", f"reproduction ({logs_dir})"))
     return 0
@@ -348,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, help="target val loss (default: the logs' config target_val_loss)")
     p.add_argument("--records-dir", default=folders.RECORDS_DIR, help="where track folders live (default: %(default)s)")
     p.add_argument("--no-index", action="store_true", help="do not regenerate the table in records/README.md")
+    p.add_argument("--allow-not-significant", action="store_true",
+                   help="create the record even if it does not meet the rule (fewer than 2 runs, mean not below "
+                        "target, or p >= 0.01); its README says so")
     p.add_argument("logs", nargs="+", metavar="LOG", help="finished run logs (logs/<run_id>.txt)")
     p.set_defaults(func=cmd_new)
 
@@ -391,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("records", nargs="+", metavar="RECORD")
     p.add_argument("-o", "--output", required=True, metavar="FILE.png")
     p.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="val loss axis range")
+    p.add_argument("--zoom", type=float, default=0.5, metavar="DELTA",
+                   help="by default the loss axis shows from just below the lowest loss (or the target) to DELTA "
+                        "above the target (default %(default)s); the early losses near 10.8 would flatten the rest")
+    p.add_argument("--full-range", action="store_true", help="show every loss, from step 0")
+    p.add_argument("--target", type=float, help="target line (default: the logs' target when they share one)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("reproduce", help="rerun a record's script and compare with the record",
@@ -404,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1, help="number of runs; they cycle through the record's runs' "
                                                        "commands, so seeds match (default 1)")
     p.add_argument("--nproc-per-node", type=int, help="for torchrun records: GPUs to use on this machine")
-    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them; creates nothing")
     p.set_defaults(func=cmd_reproduce, extra=[])
 
     p = sub.add_parser("index", help="regenerate the records table in records/README.md",

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from . import stats
-from .logs import LogError, RunLog, load_runs
+from .logs import FORMAT_UPSTREAM, LogError, RunLog, load_runs
 
 RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(RECORDS_DIR)
@@ -26,8 +26,11 @@ INDEX_END = "<!-- records-index:end -->"
 def common_target(runs: list[RunLog]) -> float:
     targets = {run.target for run in runs}
     if None in targets:
-        missing = next(run.path for run in runs if run.target is None)
-        raise LogError(f"{missing}: config has no target_val_loss; pass --target")
+        missing = next(run for run in runs if run.target is None)
+        if missing.format == FORMAT_UPSTREAM:
+            raise LogError(f"{missing.path}: modded-nanogpt logs record no target val_loss; pass --target "
+                           "(3.28 for its 124M track)")
+        raise LogError(f"{missing.path}: config has no target_val_loss; pass --target")
     if len(targets) > 1:
         raise LogError(f"logs disagree on target_val_loss ({', '.join(map(str, sorted(targets)))}); pass --target")
     return targets.pop()
@@ -68,12 +71,23 @@ def check_same_script(runs: list[RunLog]) -> None:
                            f"{first.path}'s (sha256 {first.script_sha256[:12]}); a record holds runs of one script")
 
 
-def render_readme(track: str, name: str, date: str, runs: list[RunLog], target: float) -> str:
+def repo_path(path: str) -> str:
+    """How to name `path` in a command run from the repository root: relative inside it, else absolute."""
+    path = os.path.abspath(path)
+    relative = os.path.relpath(path, REPO_ROOT)
+    return path if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def render_readme(folder: str, track: str, name: str, date: str, runs: list[RunLog], target: float) -> str:
     s = stats_for(runs, target)
-    commands = list(dict.fromkeys(run.command or "(no command line in log)" for run in runs))
+    commands = list(dict.fromkeys(run.launch_command or "(no command line in log)" for run in runs))
     first = runs[0]
     versions = ", ".join(f"{key} {first.header[key]}" for key in ("python", "torch", "triton") if key in first.header)
-    folder = f"records/{track}/{date}_{name}"
+    folder = repo_path(folder)
+    imported = []
+    if any(run.format == FORMAT_UPSTREAM for run in runs):
+        imported = ["", f"Imported from {first.format_description}s: they record no command line, so the one above "
+                        "is modded-nanogpt's usual launch; the script writes its own logs/<uuid>.txt."]
     rows = []
     for run in runs:
         steps = run.final_steps
@@ -96,6 +110,7 @@ def render_readme(track: str, name: str, date: str, runs: list[RunLog], target: 
         "```",
         *commands,
         "```",
+        *imported,
         "",
         "## Hardware",
         "",
@@ -123,8 +138,12 @@ def render_readme(track: str, name: str, date: str, runs: list[RunLog], target: 
 
 
 def new_record(logs: list[str], track: str, name: str, date: str | None = None, target: float | None = None,
-               records_dir: str = RECORDS_DIR) -> str:
-    """Create the record folder atomically and return its path; nothing is written on error."""
+               records_dir: str = RECORDS_DIR, allow_not_significant: bool = False) -> str:
+    """Create the record folder atomically and return its path; nothing is written on error.
+
+    Runs that do not meet the record rule (at least 2 runs, mean below target, p < 0.01) are
+    refused unless allow_not_significant, so a table row never claims more than its logs show.
+    """
     for what, value in (("track", track), ("name", name)):
         if not SAFE_NAME.match(value):
             raise LogError(f"--{what} {value!r}: use letters, digits, '_', '-', '.' or '+' (no spaces or slashes)")
@@ -144,20 +163,27 @@ def new_record(logs: list[str], track: str, name: str, date: str | None = None, 
         raise LogError(f"two logs have run_id {duplicate!r}; each run is stored as <run_id>.txt")
     if target is None:
         target = common_target(runs)
+    problems = stats_for(runs, target)["problems"]
+    if problems and not allow_not_significant:
+        raise LogError("these runs do not meet the record rule: " + "; ".join(problems)
+                       + " (pass --allow-not-significant to create the record anyway, marked as such)")
     track_dir = os.path.join(records_dir, track)
     final = os.path.join(track_dir, f"{date}_{name}")
     if os.path.exists(final):
         raise LogError(f"{final} already exists; records are never overwritten (choose another --name or --date)")
-    os.makedirs(track_dir, exist_ok=True)
-    # Built beside its final place and renamed in one step, so a half-written record never appears.
-    tmp = tempfile.mkdtemp(prefix=f".{date}_{name}.", dir=track_dir)
+    try:
+        os.makedirs(track_dir, exist_ok=True)
+        # Built beside its final place and renamed in one step, so a half-written record never appears.
+        tmp = tempfile.mkdtemp(prefix=f".{date}_{name}.", dir=track_dir)
+    except OSError as e:
+        raise LogError(f"{track_dir}: cannot create the record there: {e.strerror or e}") from None
     try:
         with open(os.path.join(tmp, "train_gpt.py"), "wb") as f:
             f.write(runs[0].script)
         for run in runs:
             shutil.copyfile(run.path, os.path.join(tmp, f"{run.run_id}.txt"))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(render_readme(track, name, date, runs, target))
+            f.write(render_readme(final, track, name, date, runs, target))
         if os.path.exists(final):
             raise LogError(f"{final} already exists; records are never overwritten")
         # rename() refuses a non-empty destination, so a folder that appeared meanwhile is not overwritten.
@@ -168,8 +194,11 @@ def new_record(logs: list[str], track: str, name: str, date: str | None = None, 
     return final
 
 
-def record_folders(records_dir: str = RECORDS_DIR) -> list[str]:
-    """Every `<track>/<date>_<name>` folder holding a train_gpt.py, oldest first."""
+def record_folders(records_dir: str = RECORDS_DIR, skipped: list | None = None) -> list[str]:
+    """Every `<track>/<date>_<name>` folder holding a train_gpt.py, oldest first.
+
+    Other folders are left out; `skipped`, when given, receives "path: why" for each of them.
+    """
     found = []
     for track in sorted(os.listdir(records_dir)):
         track_dir = os.path.join(records_dir, track)
@@ -177,14 +206,24 @@ def record_folders(records_dir: str = RECORDS_DIR) -> list[str]:
             continue
         for name in sorted(os.listdir(track_dir)):
             folder = os.path.join(track_dir, name)
-            if FOLDER_NAME.match(name) and os.path.isfile(os.path.join(folder, "train_gpt.py")):
+            if name.startswith(".") or not os.path.isdir(folder):
+                continue  # hidden (a record being built) or a plain file
+            if not FOLDER_NAME.match(name):
+                reason = "name is not <YYYY-MM-DD>_<Name>"
+            elif not os.path.isfile(os.path.join(folder, "train_gpt.py")):
+                reason = "no train_gpt.py"
+            else:
                 found.append(folder)
+                continue
+            if skipped is not None:
+                skipped.append(f"{folder}: {reason}")
     return sorted(found, key=lambda f: (os.path.basename(f), f))
 
 
-def index_rows(records_dir: str = RECORDS_DIR) -> list[str]:
+def index_rows(records_dir: str = RECORDS_DIR, skipped: list | None = None) -> list[str]:
+    """Table rows, one per record folder; `skipped` receives "path: why" for folders left out or unreadable."""
     rows = []
-    for folder in record_folders(records_dir):
+    for folder in record_folders(records_dir, skipped):
         date, name = FOLDER_NAME.match(os.path.basename(folder)).groups()
         track = os.path.basename(os.path.dirname(folder))
         link = os.path.relpath(folder, records_dir)
@@ -195,18 +234,20 @@ def index_rows(records_dir: str = RECORDS_DIR) -> list[str]:
                      hardware(runs)]
         except LogError as e:
             cells = ["n/a", "n/a", "n/a", "n/a", f"unreadable: {e}"]
+            if skipped is not None:
+                skipped.append(f"{folder}: listed without statistics: {e}")
         rows.append(f"| {date} | {track} | [{name}]({link}/) | " + " | ".join(cells) + " |")
     return rows
 
 
-def write_index(records_dir: str = RECORDS_DIR) -> str:
+def write_index(records_dir: str = RECORDS_DIR, skipped: list | None = None) -> str:
     """Regenerate the table between the index markers of <records_dir>/README.md; returns its path."""
     path = os.path.join(records_dir, "README.md")
     table = "\n".join([
         INDEX_START,
         "| date | track | record | mean time | mean val_loss | runs | p (mean < target) | hardware |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *index_rows(records_dir),
+        *index_rows(records_dir, skipped),
         INDEX_END,
     ])
     try:

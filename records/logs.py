@@ -7,6 +7,14 @@ body lines: `step:N/T train_time:…ms …`, `step:N/T val_loss:… …`, notes 
 `warmup:`/`peak memory:`, and finally `final: …` or, after a crash, `error: …`.
 Every line is flushed as it is written, so a log may stop anywhere: the parser
 keeps whatever is there and `missing()` says what is not.
+
+Logs of the public modded-nanogpt records are read too (FORMAT_UPSTREAM): the script,
+then a line made only of '=' characters, version lines and an nvidia-smi dump, then
+`step:N/T val_loss:X train_time:Yms step_avg:Zms` and `step:N/T train_time:… step_avg:…`
+lines (older ones with `train_loss:X` too). Such a log has no target, seed or command,
+and the run finished when it validated at step T/T: that validation is its result.
+The oldest of those logs also open with a '=' line, so their script lies between the
+first two; logs of the llm.c era (`s:N tel:X` lines) carry no times and are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ from dataclasses import dataclass, field
 MARKER = re.compile(rb"^==== end of script: sha256=([0-9a-f]{64}) bytes=(\d+) ====\r?$", re.MULTILINE)
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)((?: \S+:\S+)*)\s*$")
 HEADER_LINE = re.compile(r"^([A-Za-z_][\w-]*): ?(.*)$")
+FORMAT_OURS = "speedrun"  # this repository's train_gpt.py
+FORMAT_UPSTREAM = "modded-nanogpt"
+# upstream writes "=" * 100; a shorter run of '=' (a Markdown underline, say) does not count.
+SEPARATOR = re.compile(rb"^={20,}\r?$", re.MULTILINE)
+UPSTREAM_STEP = re.compile(rb"^step:\d+/\d+ ", re.MULTILINE)
+LLMC_STEP = re.compile(rb"^s:\d+ t[er]l:", re.MULTILINE)
+NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA .+?|Tesla .+?)\s{2,}")
+UPSTREAM_COMMAND = "torchrun --standalone --nproc_per_node={gpus} train_gpt.py"
 
 
 class LogError(ValueError):
@@ -64,6 +80,8 @@ class RunLog:
     final_steps: int | None = None
     error: str | None = None
     problems: list = field(default_factory=list)  # damaged parts found while parsing
+    format: str = FORMAT_OURS
+    variant: str = ""  # how this file differs from the newest logs of its format, in words
 
     @property
     def finished(self) -> bool:
@@ -92,12 +110,31 @@ class RunLog:
     def device(self) -> str | None:
         return self.header.get("device")
 
-    @property
-    def world_size(self) -> int | None:
+    def _int_header(self, key: str) -> int | None:
         try:
-            return int(self.header["world_size"])
+            return int(self.header[key])
         except (KeyError, ValueError):
             return None
+
+    @property
+    def world_size(self) -> int | None:
+        return self._int_header("world_size")
+
+    @property
+    def gpus(self) -> int | None:
+        """GPUs in the log's nvidia-smi listing (upstream logs record no world size)."""
+        return self._int_header("gpus")
+
+    @property
+    def format_description(self) -> str:
+        return f"{self.format} log" + (f" ({self.variant})" if self.variant else "")
+
+    @property
+    def launch_command(self) -> str | None:
+        """The recorded command; for upstream logs, which record none, modded-nanogpt's usual one."""
+        if self.format == FORMAT_UPSTREAM:
+            return UPSTREAM_COMMAND.format(gpus=self.gpus or 8)
+        return self.command
 
     @property
     def target(self) -> float | None:
@@ -111,11 +148,12 @@ class RunLog:
     def missing(self) -> list[str]:
         """Human-readable list of what a complete log has and this one lacks."""
         out = list(self.problems)
-        for key in ("run_id", "command", "argv", "world_size", "device"):
-            if key not in self.header:
-                out.append(f"no '{key}:' header line")
-        if self.config is None and "config" not in self.header:
-            out.append("no 'config:' header line")
+        if self.format == FORMAT_OURS:
+            for key in ("run_id", "command", "argv", "world_size", "device"):
+                if key not in self.header:
+                    out.append(f"no '{key}:' header line")
+            if self.config is None and "config" not in self.header:
+                out.append("no 'config:' header line")
         if self.unparsed:
             out.append(f"{len(self.unparsed)} unreadable step line(s), e.g. {self.unparsed[0][:60]!r}")
         if not self.train_steps:
@@ -123,6 +161,11 @@ class RunLog:
         if not self.val_steps:
             out.append("no validation lines")
         if not self.finished:
+            if self.format == FORMAT_UPSTREAM:
+                last = self.train_steps[-1] if self.train_steps else None
+                out.append("no validation at the last step: the run did not finish"
+                           + (f" (last step {last.step}/{last.total})" if last else ""))
+                return out
             reason = "no final line: the run did not finish"
             if self.error:
                 reason += f" ({self.error})"
@@ -130,6 +173,8 @@ class RunLog:
         return out
 
     def require_finished(self) -> None:
+        if not self.finished and self.format == FORMAT_UPSTREAM:
+            raise LogError(f"{self.path}: no validation at the last step (the run did not finish)")
         if not self.finished:
             reason = f"error: {self.error}" if self.error else "the run did not finish"
             raise LogError(f"{self.path}: no final line ({reason})")
@@ -172,8 +217,51 @@ def split_script(data: bytes, path: str) -> tuple[bytes, str, int]:
     raise LogError(f"{path}: not a training log: no valid '==== end of script: sha256=… bytes=… ====' marker")
 
 
+def split_upstream(data: bytes, path: str) -> tuple[bytes, int, str] | None:
+    """(script, offset of the body, variant) of a modded-nanogpt log; None when it is not one."""
+    separators = list(SEPARATOR.finditer(data))
+    if not separators:
+        return None
+    first = separators[0]
+    if first.start() == 0:
+        # The oldest logs frame the script with '=' lines, written as-is (no newline added).
+        if len(separators) < 2:
+            raise LogError(f"{path}: looks like an early modded-nanogpt log (it opens with a '=' line) but has no "
+                           "second '=' line closing the script")
+        script, body, variant = data[first.end() + 1:separators[1].start()], separators[1].end(), \
+            "script between two '=' lines"
+    else:
+        script, body, variant = data[:first.start()], first.end(), ""
+        # print(code) adds a newline after the file's own last one.
+        if script.endswith(b"\n\n"):
+            script = script[:-1]
+    if not UPSTREAM_STEP.search(data, body):
+        raise LogError(f"{path}: not a training log: it has a line of '=' characters like a modded-nanogpt log, "
+                       "but no 'step:N/T ...' lines after it")
+    return script, body, variant
+
+
+def split_any(data: bytes, path: str) -> tuple[bytes, int, str, str]:
+    """(script, body offset, format, variant) of a log in either format, or a LogError saying why it is neither."""
+    if MARKER.search(data):
+        script, _, offset = split_script(data, path)
+        return script, offset, FORMAT_OURS, ""
+    upstream = split_upstream(data, path)
+    if upstream is not None:
+        return upstream[0], upstream[1], FORMAT_UPSTREAM, upstream[2]
+    if LLMC_STEP.search(data):
+        raise LogError(f"{path}: an llm.c-era modded-nanogpt log ('s:N tel:X' lines): it records no training "
+                       "times or script, so it cannot be read")
+    raise LogError(f"{path}: not a training log: no valid '==== end of script: sha256=… bytes=… ====' marker "
+                   "(this repository's logs) and no line of '=' characters followed by 'step:N/T' lines "
+                   "(modded-nanogpt logs)")
+
+
 def parse_log_bytes(data: bytes, path: str = "<log>") -> RunLog:
-    script, digest, offset = split_script(data, path)
+    script, offset, log_format, variant = split_any(data, path)
+    if log_format == FORMAT_UPSTREAM:
+        return _parse_upstream(data[offset:], path, script, variant)
+    digest = hashlib.sha256(script).hexdigest()
     log = RunLog(path=path, script=script, script_sha256=digest)
     text = data[offset:].decode("utf-8", errors="replace")
     in_header = True
@@ -201,6 +289,32 @@ def parse_log_bytes(data: bytes, path: str = "<log>") -> RunLog:
                 continue
             in_header = False
         _parse_body_line(log, line)
+    return log
+
+
+def _parse_upstream(body: bytes, path: str, script: bytes, variant: str) -> RunLog:
+    log = RunLog(path=path, script=script, script_sha256=hashlib.sha256(script).hexdigest(),
+                 format=FORMAT_UPSTREAM, variant=variant)
+    gpu_names = []
+    for line in body.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("step:"):
+            _parse_body_line(log, line)
+        elif line.startswith("Running Python "):
+            log.header["python"] = line[len("Running Python "):].split()[0]
+        elif line.startswith("Running PyTorch ") or line.startswith("Running pytorch "):
+            log.header["torch"] = line.split()[2]
+        elif NVIDIA_SMI_GPU.match(line):
+            gpu_names.append(NVIDIA_SMI_GPU.match(line).group(1).strip())
+        elif line.startswith("peak memory"):
+            log.notes.append(line)
+    if gpu_names:
+        log.header["gpus"] = str(len(gpu_names))
+        log.header["device"] = "cuda: " + ", ".join(f"{gpu_names.count(n)}x {n}" for n in dict.fromkeys(gpu_names))
+    if any(step.train_loss is not None for step in log.train_steps):
+        log.variant = ", ".join(v for v in (variant, "train_loss on step lines") if v)
+    last = log.val_steps[-1] if log.val_steps else None
+    if last is not None and last.step == last.total:
+        log.final_val_loss, log.final_train_time_ms, log.final_steps = last.val_loss, last.train_time_ms, last.total
     return log
 
 
@@ -264,7 +378,10 @@ def script_bytes(path: str) -> bytes:
     if os.path.isdir(path):
         script = os.path.join(path, "train_gpt.py")
         if not os.path.isfile(script):
-            raise LogError(f"{path}: record folder has no train_gpt.py")
+            logs = log_paths(path, required=False)
+            if not logs:
+                raise LogError(f"{path}: record folder has no train_gpt.py and no .txt logs")
+            return parse_log(logs[0]).script
         path = script
     try:
         with open(path, "rb") as f:
@@ -273,14 +390,14 @@ def script_bytes(path: str) -> bytes:
         raise LogError(f"{path}: cannot read: {e.strerror or e}") from None
     if path.endswith(".py"):
         return data
-    return split_script(data, path)[0]
+    return split_any(data, path)[0]
 
 
-def log_paths(source: str) -> list[str]:
+def log_paths(source: str, required: bool = True) -> list[str]:
     """A record folder stands for its logs (`*.txt`); a file stands for itself."""
     if os.path.isdir(source):
         paths = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".txt"))
-        if not paths:
+        if not paths and required:
             raise LogError(f"{source}: no .txt logs in this folder")
         return paths
     if not os.path.exists(source):

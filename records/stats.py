@@ -2,18 +2,21 @@
 record must pass (H1: mean val loss < target, p < 0.01), bootstrap power and
 Welch's t-test for A/B comparisons.
 
-The test statistics are computed here from their definitions; scipy supplies
-only the Student-t distribution (cdf/ppf), so the numbers can be checked
-independently against scipy.stats.ttest_1samp / ttest_ind / t.interval.
+The tests and intervals are scipy's (ttest_1samp, ttest_ind with equal_var=False,
+t.interval); the tests in tests/test_records.py pin them against the textbook
+formulas. The bootstrap here is a power estimate (the share of resampled record
+attempts that would pass), which scipy.stats.bootstrap does not compute: it gives
+intervals of a statistic, so only the per-resample t-tests come from scipy.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
+from scipy import stats as sps
 
 CONFIDENCE = 0.99
 SIGNIFICANCE = 0.01
@@ -27,6 +30,13 @@ class Summary:
     ci: tuple | None  # two-sided CONFIDENCE t-interval of the mean; None when n < 2
 
 
+def _quiet(fn, *args, **kwargs):
+    """scipy warns about identical values (zero spread); the result (±inf t, p 0/1, or nan) is what we want."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*args, **kwargs)
+
+
 def summarize(values, confidence: float = CONFIDENCE) -> Summary:
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -35,14 +45,10 @@ def summarize(values, confidence: float = CONFIDENCE) -> Summary:
     if x.size < 2:
         return Summary(int(x.size), mean, None, None)
     std = float(x.std(ddof=1))
-    half = float(student_t.ppf(0.5 + confidence / 2, x.size - 1)) * std / math.sqrt(x.size)
-    return Summary(int(x.size), mean, std, (mean - half, mean + half))
-
-
-def _t_from(diff, sem):
-    """diff/sem with the limits scipy uses for zero spread: ±inf, or nan for 0/0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.divide(diff, sem)
+    if std == 0:
+        return Summary(int(x.size), mean, std, (mean, mean))  # scipy gives nan for a zero scale
+    low, high = sps.t.interval(confidence, x.size - 1, loc=mean, scale=std / math.sqrt(x.size))
+    return Summary(int(x.size), mean, std, (float(low), float(high)))
 
 
 def one_sample_p_less(values, target: float) -> float | None:
@@ -50,8 +56,7 @@ def one_sample_p_less(values, target: float) -> float | None:
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return None
-    t_stat = _t_from(x.mean() - target, x.std(ddof=1) / math.sqrt(x.size))
-    return float(student_t.cdf(t_stat, x.size - 1))
+    return float(_quiet(sps.ttest_1samp, x, target, alternative="less").pvalue)
 
 
 def bootstrap_fraction_below(values, target: float, resamples: int, sample_size: int, seed: int,
@@ -66,8 +71,7 @@ def bootstrap_fraction_below(values, target: float, resamples: int, sample_size:
         raise ValueError("bootstrap needs values, at least 1 resample and a sample size of at least 2")
     rng = np.random.default_rng(seed)
     samples = x[rng.integers(0, x.size, size=(resamples, sample_size))]
-    sem = samples.std(axis=1, ddof=1) / math.sqrt(sample_size)
-    p = student_t.cdf(_t_from(samples.mean(axis=1) - target, sem), sample_size - 1)
+    p = _quiet(sps.ttest_1samp, samples, target, axis=1, alternative="less").pvalue
     return float(np.mean(p < alpha))  # nan p (identical values equal to target) counts as not below
 
 
@@ -76,21 +80,34 @@ def welch_p(a, b) -> float | None:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.size < 2 or y.size < 2:
         return None
-    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
-    t_stat = _t_from(x.mean() - y.mean(), math.sqrt(vx + vy))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # Welch-Satterthwaite degrees of freedom
-        df = (vx + vy) ** 2 / (vx ** 2 / (x.size - 1) + vy ** 2 / (y.size - 1))
-    return float(2 * student_t.sf(abs(t_stat), df))
+    return float(_quiet(sps.ttest_ind, x, y, equal_var=False).pvalue)
+
+
+def verdict_problems(n: int, mean: float, p_value: float | None, target: float) -> list[str]:
+    """Why a set of runs does not meet the record rule (mean below target, one-sided p < 0.01); [] when it does."""
+    problems = []
+    if n < 2:
+        problems.append(f"only {n} run: no p-value (a record needs at least 2 runs, usually many more)")
+    if mean >= target:
+        problems.append(f"mean val_loss {mean:.6f} is not below the target {target:g}")
+    if p_value is not None and not p_value < SIGNIFICANCE:
+        problems.append(f"p = {format_p(p_value)} is not below {SIGNIFICANCE:g}")
+    return problems
 
 
 def record_stats(losses, target: float, times_ms=None, iterations: int | None = None,
                  bootstrap: int | None = None, sample_size: int | None = None, seed: int = 0) -> dict:
     """Everything `stats` reports, as one dict (times in minutes, as records quote them)."""
     loss = summarize(losses)
+    p_value = one_sample_p_less(losses, target)
+    problems = verdict_problems(loss.n, loss.mean, p_value, target)
     out = {"n": loss.n, "mean": loss.mean, "std": loss.std, "ci99": list(loss.ci) if loss.ci else None,
-           "p_value": one_sample_p_less(losses, target), "target": target}
+           "p_value": p_value, "target": target, "meets_rule": not problems, "problems": problems,
+           "losses": [float(v) for v in losses]}
     if times_ms is not None and len(times_ms):
+        if len(times_ms) != loss.n:
+            raise ValueError(f"{len(times_ms)} times for {loss.n} losses; give one time per run")
+        out["times_ms"] = [float(v) for v in times_ms]
         minutes = summarize(np.asarray(times_ms, dtype=np.float64) / 60_000)
         out.update(time_n=minutes.n, time_mean=minutes.mean, time_std=minutes.std,
                    time_ci99=list(minutes.ci) if minutes.ci else None)
@@ -117,6 +134,8 @@ def format_record_stats(s: dict) -> str:
     verdict = ""
     if s["p_value"] is not None:
         verdict = "  (p < 0.01: below target)" if s["p_value"] < SIGNIFICANCE else "  (not significant at 0.01)"
+    rule = ("verdict: meets the record rule (mean below target, p < 0.01)" if s["meets_rule"] else
+            "verdict: does NOT meet the record rule: " + "; ".join(s["problems"]))
     ci = s["ci99"] or (None, None)
     lines = [
         f"runs: {s['n']}",
@@ -136,4 +155,5 @@ def format_record_stats(s: dict) -> str:
     if "boot_frac_below_001" in s:
         lines.append(f"bootstrap: {100 * s['boot_frac_below_001']:.1f}% of {s['boot_resamples']} resamples of "
                      f"{s['boot_sample_size']} runs have p < 0.01 (seed {s['boot_seed']})")
+    lines.append(rule)
     return "\n".join(lines)

@@ -122,8 +122,8 @@ def attention_vs_sdpa(backend: str, T: int = 8192, heads: int = 6, dim: int = 12
     """Forward and the three gradients of `backend` vs the SDPA path (fp32 reference), per window."""
     cfg = tg.config_from_args(["--preset", "short"])
     windows = sorted({w for step in range(tg.total_steps(cfg)) for w in
-                      (tg.long_window_at(step, cfg), tg.long_window_at(step, cfg) // 2)}
-                     | {cfg.long_window_blocks_final_val * cfg.window_block})
+                      (tg.long_window_at(step, cfg), tg.short_window_for(tg.long_window_at(step, cfg), cfg))}
+                     | set(tg.final_val_windows(cfg)))
     segments = packed_segments(T, 0, "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(T, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
@@ -258,8 +258,8 @@ def timed_run(cfg: tg.Config, steps_per_stage: int, device=torch.device("cuda", 
             step += 1
     reset_peak()
     t = time.perf_counter()
-    val_loss = tg.evaluate(model, val_batches, cfg.long_window_blocks_final_val * cfg.window_block, 1,
-                           tg.train_micro_batch_tokens(cfg))
+    final_long, final_short = tg.final_val_windows(cfg)
+    val_loss = tg.evaluate(model, val_batches, final_long, 1, final_short, tg.train_micro_batch_tokens(cfg))
     val = {"val_loss": round(val_loss, 4), "seconds": round(time.perf_counter() - t, 2),
            "peak_memory_gib": peak_gib(),
            "tokens": cfg.val_tokens}

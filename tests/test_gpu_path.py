@@ -96,11 +96,13 @@ def test_rotary_angles_are_relative_to_the_sequence_start():
 def test_one_mask_per_window_is_built_and_shared_by_the_layers(monkeypatch):
     built = []
     original = tg.ATTENTION_MASKS["sdpa"]
-    monkeypatch.setitem(tg.ATTENTION_MASKS, "sdpa", lambda seg, window: built.append(window) or original(seg, window))
-    model = tg.GPT(make_config())  # window pattern SLNL: three attention layers, two windows
+    monkeypatch.setitem(tg.ATTENTION_MASKS, "sdpa",
+                        lambda seg, window, block: built.append(window) or original(seg, window, block))
+    cfg = make_config("--window-block", "32")
+    model = tg.GPT(cfg)  # window pattern SLNL: three attention layers, two windows
     tokens = torch.randint(0, 50000, (64,))
     model(tokens, tokens, torch.tensor([0, 30, 64], dtype=torch.int32), 64, 128)
-    assert sorted(built) == [64, 128]
+    assert sorted(built) == [tg.short_window_for(128, cfg), 128] and tg.short_window_for(128, cfg) == 64
 
 
 def test_varlen_window_comes_from_the_mask_predicate():
@@ -124,7 +126,7 @@ def test_flex_with_a_prebuilt_block_mask_matches_sdpa():
         warnings.simplefilter("ignore")  # eager flex warns that it is slow
         for window in (1, 64, 300):
             mask = tg.flex_block_mask(segments, window)
-            torch.testing.assert_close(tg.attention_flex(q, k, v, segments, window, 0.3, mask),
+            torch.testing.assert_close(tg.attention_flex(q, k, v, segments, window, 0.3, mask=mask),
                                        tg.attention_sdpa(q, k, v, segments, window, 0.3), rtol=1e-4, atol=1e-4)
 
 

@@ -40,6 +40,12 @@ def fp32_model():
     return randomized_model(make_config("--compute-dtype", "float32"))
 
 
+@pytest.fixture(scope="module")
+def masked_starts_model():
+    """The variant whose smear and key shift stop at document starts."""
+    return randomized_model(make_config("--compute-dtype", "float32", "--mask-document-starts", "true"))
+
+
 # --- causality and document isolation --------------------------------------------
 
 
@@ -55,26 +61,48 @@ def test_changing_a_token_never_changes_earlier_outputs(fp32_model):
         assert (out[t:] - base[t:]).abs().max() > 1e-3  # the change is visible from t on
 
 
-def test_documents_in_one_packed_sequence_do_not_see_each_other(fp32_model):
+def test_documents_in_one_packed_sequence_do_not_see_each_other(masked_starts_model):
+    """Attention never crosses documents; with smear and key shift stopped at document starts
+    (the variant) nothing does. The record lets the previous token through (tests below)."""
+    model = masked_starts_model
     tokens = random_tokens(120, seed=1)
     cu = [0, 50, 90, 120]
-    base = logits_of(fp32_model, tokens, cu)
+    base = logits_of(model, tokens, cu)
     changed = tokens.clone()
     changed[50:90] = random_tokens(40, seed=2)  # rewrite the whole middle document
-    out = logits_of(fp32_model, changed, cu)
+    out = logits_of(model, changed, cu)
     torch.testing.assert_close(out[:50], base[:50], rtol=0, atol=1e-5)
     torch.testing.assert_close(out[90:], base[90:], rtol=0, atol=1e-5)  # later document unaffected
     assert (out[50:90] - base[50:90]).abs().max() > 1e-3
 
 
-def test_first_token_of_a_document_ignores_the_previous_document(fp32_model):
-    """Smear gate and key shift look one token back; neither may cross a document start."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_first_token_of_a_document_sees_the_previous_document_as_the_record(fp32_model, masked_starts_model, masked):
+    """Smear gate and key shift look one token back across a document start (the record); the
+    mask_document_starts variant stops both there."""
+    model = masked_starts_model if masked else fp32_model
     tokens = random_tokens(64, seed=3)
-    base = logits_of(fp32_model, tokens, [0, 32, 64])
+    base = logits_of(model, tokens, [0, 32, 64])
     changed = tokens.clone()
     changed[31] = (changed[31] + 7) % 50000  # last token of the first document
-    out = logits_of(fp32_model, changed, [0, 32, 64])
-    torch.testing.assert_close(out[32:], base[32:], rtol=0, atol=1e-5)
+    out = logits_of(model, changed, [0, 32, 64])
+    if masked:
+        torch.testing.assert_close(out[32:], base[32:], rtol=0, atol=1e-5)
+    else:
+        assert (out[32] - base[32]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("part", ["smear", "key_shift"])
+def test_smear_and_key_shift_each_cross_a_document_start(part):
+    """Each path alone carries the previous document's last token into the next document."""
+    off = {"smear": ["--key-shift", "false"], "key_shift": ["--smear-gate", "false"]}[part]
+    model = randomized_model(make_config("--compute-dtype", "float32", *off))
+    tokens = random_tokens(64, seed=3)
+    base = logits_of(model, tokens, [0, 32, 64])
+    changed = tokens.clone()
+    changed[31] = (changed[31] + 7) % 50000
+    out = logits_of(model, changed, [0, 32, 64])
+    assert (out[32:] - base[32:]).abs().max() > 1e-3
 
 
 # --- attention -------------------------------------------------------------------------
@@ -87,6 +115,8 @@ def qkv(T, seed=0, heads=2, dim=16):
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_keys_beyond_the_window_have_no_influence(backend):
+    """A window of w tokens: the query and the w tokens before it (w + 1 keys, FlashAttention's
+    window_size=(w, 0) as the short record calls it)."""
     T, window, t = 64, 9, 50
     q, k, v = qkv(T)
     segments = tg.make_segments(torch.tensor([0, T], dtype=torch.int32), T, T)
@@ -94,7 +124,7 @@ def test_keys_beyond_the_window_have_no_influence(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex attention warns that eager mode is slow
         base = attend(q, k, v, segments, window, 0.25)
-        for pos, visible in ((t - window, False), (t - window + 1, True), (t, True)):
+        for pos, visible in ((t - window - 1, False), (t - window, True), (t, True)):
             k2, v2 = k.clone(), v.clone()
             k2[pos] += 3.0
             v2[pos] += 3.0
@@ -121,7 +151,7 @@ def test_sdpa_matches_a_plain_loop():
     cu = [0, 13, 40]
     out = tg.attention_sdpa(q, k, v, tg.make_segments(torch.tensor(cu, dtype=torch.int32), 27, T), window, scale)
     for t in range(T):
-        start = max(t - window + 1, 13 if t >= 13 else 0)
+        start = max(t - window, 13 if t >= 13 else 0)  # window + 1 keys, never before the document
         scores = torch.einsum("hd,khd->hk", q[t], k[start:t + 1]) * scale
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v[start:t + 1])
         torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-5)

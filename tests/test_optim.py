@@ -184,20 +184,25 @@ def test_medium_preset_optimisers():
 # --- Muon / NorMuon against a plain per-matrix reference ------------------------------
 
 
-def reference_muon(weight, grads, lr_mults, momenta, *, lr, wd, label_lr, normuon, beta2, smoothing, orth):
-    """Each matrix on its own: Nesterov momentum, orthogonalise, NorMuon, smoothing, cautious wd."""
+def reference_muon(weight, grads, lr_mults, momenta, *, lr, wd, label_lr, normuon, beta2, smoothing, orth,
+                   lr_rows=None, per_column=None):
+    """Each matrix on its own: Nesterov momentum, orthogonalise, NorMuon, smoothing, cautious wd.
+    lr_rows: the row count the lr factor sqrt(max(1, rows/cols)) uses (default: the matrix's);
+    per_column: per matrix, whether NorMuon normalises columns (default: when rows < cols)."""
     weight = weight.clone().reshape(-1, *weight.shape[-2:])
     rows, cols = weight.shape[-2:]
+    lr_rows = lr_rows or rows
     out = []
     for i in range(weight.size(0)):
         w, buf, smooth = weight[i], torch.zeros(rows, cols), torch.zeros(rows, cols)
-        second = torch.zeros(rows, 1) if rows >= cols else torch.zeros(1, cols)
+        columns = rows < cols if per_column is None else per_column[i]
+        second = torch.zeros(1, cols) if columns else torch.zeros(rows, 1)
         for t, (grad, lr_mult, mu) in enumerate(zip(grads, lr_mults, momenta)):
             g = grad.reshape(-1, rows, cols)[i]
             buf = torch.lerp(buf, g, 1 - mu)
             o = orth(torch.lerp(g, buf, mu), 5).float()
             if normuon:
-                mean_sq = (o * o).mean(dim=1 if rows >= cols else 0, keepdim=True)
+                mean_sq = (o * o).mean(dim=0 if columns else 1, keepdim=True)
                 second = beta2 * second + (1 - beta2) * mean_sq
                 scaled = o / torch.sqrt(torch.clamp(second, min=1e-10))
                 o = scaled * (torch.linalg.norm(o) / torch.linalg.norm(scaled))
@@ -205,8 +210,8 @@ def reference_muon(weight, grads, lr_mults, momenta, *, lr, wd, label_lr, normuo
             smooth = s * smooth + (1 - s) * o
             u = smooth if smoothing(0) > 0 else o
             lr_t = lr * lr_mult
-            eff_lr = lr_t * label_lr * max(1.0, rows / cols) ** 0.5
-            same_sign = (u * w > 0).float()
+            eff_lr = lr_t * label_lr * max(1.0, lr_rows / cols) ** 0.5
+            same_sign = (u * w >= 0).float()
             w = w - wd * lr_t * eff_lr * same_sign * w - eff_lr * u
         out.append(w)
     return torch.stack(out)
@@ -220,6 +225,7 @@ MUON_SHAPES = {"attn": ((4, DIM, DIM), "attn"), "gate": ((HEADS, 12), "attn_gate
 def test_muon_steps_match_reference(optimizer, smoothing):
     g = torch.Generator().manual_seed(3)
     model = Bag(**{n: (torch.randn(*shape, generator=g) * 0.3, label) for n, (shape, label) in MUON_SHAPES.items()})
+    model.attn.normalise_columns, model.gate.normalise_columns = (False, False, False, True), (False,)  # as GPT sets
     start = params_of(model)
     extra = dict(muon_smoothing=smoothing[1], muon_smoothing_start=smoothing[0], muon_smoothing_steps=smoothing[2]) \
         if smoothing else {}
@@ -235,9 +241,13 @@ def test_muon_steps_match_reference(optimizer, smoothing):
         else (lambda t: 0.0)
     orth = tg.ORTHOGONALIZERS[cfg.orthogonalizer]
     for name, (_, label) in MUON_SHAPES.items():
+        # The fused (4, DIM, DIM) QKVO takes its lr factor as one (4*DIM x DIM) parameter; NorMuon
+        # normalises the O stored transposed per column and the wide gate per row.
         expected = reference_muon(start[name], [gr[name] for gr in grads], lr_mults, momenta, lr=0.05, wd=3.0,
                                   label_lr=2.0 if label == "mlp_proj" else 1.0, normuon=optimizer == "normuon",
-                                  beta2=0.95, smoothing=sched, orth=orth)
+                                  beta2=0.95, smoothing=sched, orth=orth,
+                                  lr_rows=4 * DIM if name == "attn" else None,
+                                  per_column={"attn": (False, False, False, True), "gate": (False,)}.get(name))
         got = getattr(model, name).detach().reshape(expected.shape)
         assert (got - start[name].reshape(expected.shape)).abs().max() > 0.01  # it really moved
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
@@ -246,13 +256,13 @@ def test_muon_steps_match_reference(optimizer, smoothing):
 def test_normuon_rescale_keeps_norm_and_equalises_rows():
     update = torch.randn(3, 8, 4) * torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100]).view(1, 8, 1)
     second = torch.zeros(3, 8, 1)
-    out = tg.normuon_rescale(update, second, beta2=0.0)  # beta2 0: uses this step's mean squares
+    out = tg.normuon_rescale(update, second, None, beta2=0.0)  # beta2 0: uses this step's mean squares
     torch.testing.assert_close(out.norm(dim=(-2, -1)), update.norm(dim=(-2, -1)))
     row_rms = out.square().mean(-1).sqrt()
     torch.testing.assert_close(row_rms, row_rms[:, :1].expand_as(row_rms))  # every row the same scale
     wide = torch.randn(2, 3, 9)
     second_wide = torch.zeros(2, 1, 9)  # rows < cols: one value per column
-    tg.normuon_rescale(wide, second_wide, beta2=0.5)
+    tg.normuon_rescale(wide, None, second_wide, beta2=0.5)
     torch.testing.assert_close(second_wide, 0.5 * wide.square().mean(-2, keepdim=True))
 
 
@@ -277,7 +287,7 @@ def test_smoothing_on_scalar_toy_matches_hand_computation():
 
 
 def reference_adam(w, grads, lr_mults, steps, *, lr, betas, eps_at, wd, label_lr, label_wd, bias_correction=True,
-                   first_grad=False, nested=False, cautious=True):
+                   first_grad=False, nested=False, cautious=True, linear_lr_mult=False):
     b1, b2 = betas
     w, m, v = w.clone().float(), torch.zeros_like(w).float(), torch.zeros_like(w).float()
     for t, (g, lr_mult, step) in enumerate(zip(grads, lr_mults, steps), start=1):
@@ -290,8 +300,11 @@ def reference_adam(w, grads, lr_mults, steps, *, lr, betas, eps_at, wd, label_lr
         u = m_hat if nested else m_hat / (torch.sqrt(v_hat) + eps)
         lr_t = lr * lr_mult
         eff_lr = lr_t * label_lr
-        decay = wd * label_wd * lr_t * eff_lr if cautious else wd * label_wd * lr_t
-        mask = (u * w > 0).float() if cautious else 1.0
+        if cautious:  # the record: wd * (lr * m)^2; the variant: wd * lr^2 * m
+            decay = wd * label_wd * (lr_t if linear_lr_mult else eff_lr) * eff_lr
+        else:
+            decay = wd * label_wd * lr_t
+        mask = (u * w >= 0).float() if cautious else 1.0
         w = w - decay * mask * w - eff_lr * u
     return w
 
@@ -309,6 +322,7 @@ ADAM_SHAPES = {"head": ((12, 5), "lm_head"), "ve": ((10, 4), "value_embed"), "x0
     dict(adam_nested_ema=True, adam_moment_init="first_grad", adam_bias_correction=False),
     dict(adam_eps=1e-3, adam_eps_schedule="linear", adam_eps_end=1e-1),
     dict(adam_eps=1e-3, adam_eps_schedule="geometric", adam_eps_end=1e-1),
+    dict(adam_wd_linear_lr_mult=True),
 ])
 def test_adam_steps_match_reference(switches):
     g = torch.Generator().manual_seed(5)
@@ -329,7 +343,7 @@ def test_adam_steps_match_reference(switches):
         kwargs = dict(lr=0.05, betas=(0.65, 0.95), eps_at=eps_at, wd=4.0, label_lr=lr_mult_of[label],
                       label_wd=0.0 if label in ("x0_lambdas", "smear_gate") else 1.0,
                       bias_correction=cfg.adam_bias_correction, first_grad=cfg.adam_moment_init == "first_grad",
-                      nested=cfg.adam_nested_ema)
+                      nested=cfg.adam_nested_ema, linear_lr_mult=cfg.adam_wd_linear_lr_mult)
         expected = reference_adam(start[name], [gr[name] for gr in grads], lr_mults, range(4), **kwargs)
         torch.testing.assert_close(getattr(model, name).detach(), expected, rtol=2e-5, atol=2e-6, msg=name)
         if name == "head" and not switches:  # the cautious mask matters at this wd, so the test can fail

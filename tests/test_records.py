@@ -136,11 +136,11 @@ def test_truncated_step_line_is_kept_as_unparsed():
 def test_check_command_describes_complete_partial_and_malformed_logs(tmp_path, capsys):
     done = write_log(tmp_path, "done", val=(4.0, 3.5, 3.2793), times=(0.0, 61000.0, 122100.0), steps=2000)
     code, out, _ = run_cli(capsys, "check", done)
-    assert code == 0 and out == f"{done}: finished: val_loss 3.2793, 122.10 s, 2000 steps\n"
+    assert code == 0 and out == f"{done}: speedrun log, finished: val_loss 3.2793, 122.10 s, 2000 steps\n"
     crashed = write_log(tmp_path, "crashed", final=False, error="RuntimeError: boom")
     code, out, _ = run_cli(capsys, "check", done, crashed)
     assert code == 1
-    assert out.splitlines()[1] == (f"{crashed}: partial: last step 20/20, last val_loss 3.2700 at step 20; "
+    assert out.splitlines()[1] == (f"{crashed}: speedrun log, partial: last step 20/20, last val_loss 3.2700 at step 20; "
                                    "missing: no final line: the run did not finish (RuntimeError: boom)")
     junk = tmp_path / "junk.txt"
     junk.write_text("hello\n")
@@ -223,8 +223,13 @@ def test_stats_cli_json_and_text(capsys):
     code, out, _ = run_cli(capsys, *args, "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"n", "mean", "std", "ci99", "p_value", "target", "time_mean", "time_std", "time_ci99",
-                           "ms_per_iter", "boot_frac_below_001"}
+    assert set(result) == {"n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems", "time_mean",
+                           "time_std", "time_ci99", "ms_per_iter", "boot_frac_below_001",
+                           # every input that shaped the numbers
+                           "losses", "times_ms", "iterations", "boot_resamples", "boot_sample_size", "boot_seed"}
+    assert result["losses"] == LOSSES and result["times_ms"] == times and result["iterations"] == 2000
+    assert (result["boot_resamples"], result["boot_sample_size"], result["boot_seed"]) == (300, 4, 7)
+    assert result["meets_rule"] is True and result["problems"] == []
     minutes = np.array(times) / 60_000
     assert result["time_mean"] == pytest.approx(minutes.mean())
     assert result["time_std"] == pytest.approx(minutes.std(ddof=1))
@@ -235,7 +240,8 @@ def test_stats_cli_json_and_text(capsys):
     code, out, _ = run_cli(capsys, *args)
     assert code == 0 and "p = " in out and "ms/iter over 2000 iterations" in out and "bootstrap:" in out
     code, out, _ = run_cli(capsys, "stats", "--values", *LOSSES, "--target", 3.28, "--json")
-    assert set(json.loads(out)) == {"n", "mean", "std", "ci99", "p_value", "target"}
+    assert set(json.loads(out)) == {"n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems",
+                                    "losses"}
 
 
 def test_stats_from_logs_and_folder(tmp_path, capsys):
@@ -263,7 +269,7 @@ def test_stats_errors_are_one_line(tmp_path, capsys):
 def test_new_creates_record_and_index(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:3], [122100, 121800, 122500], steps=2000)
     records = tmp_path / "records"
-    code, out, err = run_cli(capsys, "new", "--track", "short", "--name", "FasterThing", "--date", "2026-01-02",
+    code, out, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "FasterThing", "--date", "2026-01-02",
                              "--records-dir", records, *logs)
     assert code == 0, err
     folder = records / "short" / "2026-01-02_FasterThing"
@@ -292,7 +298,7 @@ def test_new_creates_record_and_index(tmp_path, capsys):
 def test_new_target_option_is_kept_by_stats(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:3], [1000, 1000, 1001])
     records = tmp_path / "records"
-    run_cli(capsys, "new", "--track", "t", "--name", "N", "--date", "2026-01-01", "--target", 3.2785,
+    run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "N", "--date", "2026-01-01", "--target", 3.2785,
             "--records-dir", records, *logs)
     code, out, _ = run_cli(capsys, "stats", records / "t" / "2026-01-01_N", "--json")
     assert json.loads(out)["target"] == 3.2785
@@ -301,7 +307,7 @@ def test_new_target_option_is_kept_by_stats(tmp_path, capsys):
 def test_new_refuses_overwrite(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:2], [1000, 1100])
     records = tmp_path / "records"
-    argv = ["new", "--track", "short", "--name", "X", "--date", "2026-01-02", "--records-dir", records, *logs]
+    argv = ["new", "--allow-not-significant", "--track", "short", "--name", "X", "--date", "2026-01-02", "--records-dir", records, *logs]
     assert run_cli(capsys, *argv)[0] == 0
     folder = records / "short" / "2026-01-02_X"
     (folder / "README.md").write_text("edited by hand")
@@ -315,7 +321,7 @@ def test_new_refuses_mismatched_scripts(tmp_path, capsys):
     a = write_runs(tmp_path, LOSSES[:1], [1000], prefix="a")
     b = write_runs(tmp_path, LOSSES[1:2], [1000], prefix="b", script=b"print('other')\n")
     records = tmp_path / "records"
-    code, out, err = run_cli(capsys, "new", "--track", "short", "--name", "X", "--records-dir", records, *a, *b)
+    code, out, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "X", "--records-dir", records, *a, *b)
     assert code == 2 and err.count("\n") == 1
     assert "b0.txt: its script" in err and "differs" in err
     assert not records.exists()
@@ -325,9 +331,9 @@ def test_new_refuses_unfinished_runs_and_bad_names(tmp_path, capsys):
     good = write_runs(tmp_path, LOSSES[:1], [1000])
     crashed = write_log(tmp_path, "crashed", final=False)
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "short", "--name", "X", "--records-dir", records, *good, crashed)
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "X", "--records-dir", records, *good, crashed)
     assert code == 2 and "crashed.txt: no final line" in err
-    code, _, err = run_cli(capsys, "new", "--track", "short", "--name", "a/b", "--records-dir", records, *good)
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "short", "--name", "a/b", "--records-dir", records, *good)
     assert code == 2 and "--name" in err
     assert not records.exists()
 
@@ -338,7 +344,7 @@ def test_diff_between_folder_log_and_py(tmp_path, capsys):
     log_a = write_log(tmp_path, "a", script=b"x = 1\ny = 2\nz = 3\n")
     log_b = write_log(tmp_path, "b", script=b"x = 1\ny = 20\nz = 3\n")
     records = tmp_path / "records"
-    run_cli(capsys, "new", "--track", "t", "--name", "A", "--date", "2026-01-01", "--records-dir", records, log_a)
+    run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "A", "--date", "2026-01-01", "--records-dir", records, log_a)
     folder_a = records / "t" / "2026-01-01_A"
     code, out, _ = run_cli(capsys, "diff", folder_a, log_b)
     assert code == 1
@@ -348,8 +354,14 @@ def test_diff_between_folder_log_and_py(tmp_path, capsys):
     py.write_bytes(b"x = 1\ny = 2\nz = 3\n")
     code, out, err = run_cli(capsys, "diff", py, log_a)
     assert code == 0 and out == "" and "identical" in err
-    code, _, err = run_cli(capsys, "diff", tmp_path, log_a)
-    assert code == 2 and "no train_gpt.py" in err
+    # A folder without train_gpt.py (a folder of logs) stands for its logs' script; an empty one is an error.
+    (tmp_path / "only_logs").mkdir()
+    os.replace(log_b, tmp_path / "only_logs" / "b.txt")
+    code, out, _ = run_cli(capsys, "diff", folder_a, tmp_path / "only_logs")
+    assert code == 1 and "+y = 20" in out
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "diff", tmp_path / "empty", log_a)
+    assert code == 2 and "no train_gpt.py and no .txt logs" in err
 
 
 # --- compare ----------------------------------------------------------------------
@@ -369,11 +381,33 @@ def test_compare_matches_welch(tmp_path, capsys):
     assert c["time_delta_s"] == pytest.approx((np.mean(b_times) - np.mean(a_times)) / 1000)
     assert c["loss_delta"] == pytest.approx(np.mean(b_loss) - np.mean(a_loss))
     assert c["b"]["time_std_s"] == pytest.approx(np.std(b_times, ddof=1) / 1000)
+    assert c["a"]["times_ms"] == a_times and c["b"]["losses"] == b_loss and c["a"]["logs"] == a_logs
     code, text, _ = run_cli(capsys, "compare", tmp_path / "a", tmp_path / "b")
     expected_p = sps.ttest_ind(a_times, b_times, equal_var=False).pvalue
     assert code == 0 and f"Welch p = {expected_p:.4g}" in text
     assert f"{np.mean(a_times) / 1000:.3f}" in text and f"{np.mean(b_loss):.5f}" in text
     assert run_cli(capsys, "compare", tmp_path / "a")[0] == 2
+
+
+def test_statistics_match_the_textbook_formulas():
+    """stats.py calls scipy; these plain formulas pin what it must compute."""
+    x, target = np.array(LOSSES), 3.28
+    n, mean, sd = len(x), sum(LOSSES) / len(LOSSES), math.sqrt(sum((v - sum(LOSSES) / 7) ** 2 for v in LOSSES) / 6)
+    t_stat = (mean - target) / (sd / math.sqrt(n))
+    assert stats.one_sample_p_less(x, target) == pytest.approx(sps.t.cdf(t_stat, n - 1), rel=1e-12)
+    half = sps.t.ppf(0.995, n - 1) * sd / math.sqrt(n)
+    assert stats.summarize(x).ci == pytest.approx((mean - half, mean + half), rel=1e-12)
+    a, b = [122100.0, 121800.0, 122500.0, 122000.0], [120100.0, 120900.0, 119800.0]
+    va = sum((v - sum(a) / 4) ** 2 for v in a) / 3 / 4
+    vb = sum((v - sum(b) / 3) ** 2 for v in b) / 2 / 3
+    t_welch = (sum(a) / 4 - sum(b) / 3) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)  # Welch-Satterthwaite
+    assert stats.welch_p(a, b) == pytest.approx(2 * sps.t.sf(abs(t_welch), df), rel=1e-9)
+    # Zero spread: the limits of the formulas (p 0 below target, 1 above, nan at it).
+    assert stats.one_sample_p_less([3.0, 3.0], target) == 0.0
+    assert stats.one_sample_p_less([3.3, 3.3], target) == 1.0
+    assert math.isnan(stats.one_sample_p_less([3.28, 3.28], 3.28))
+    assert stats.summarize([3.0, 3.0]).ci == (3.0, 3.0)
 
 
 def test_welch_matches_scipy_on_random_data():
@@ -468,7 +502,7 @@ def test_reproduce_runs_the_record_script_from_the_repo_root(tmp_path, capsys):
         subprocess.run([sys.executable, str(trainer), "--preset", "cpu", "--seed", str(seed), "--run-id", f"s{seed}",
                         "--log-dir", str(first_logs)], cwd=REPO, check=True, timeout=60)
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "cpu", "--name", "Fake", "--date", "2026-01-01",
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "cpu", "--name", "Fake", "--date", "2026-01-01",
                            "--records-dir", records, first_logs / "s1.txt", first_logs / "s2.txt")
     assert code == 0, err
     folder = records / "cpu" / "2026-01-01_Fake"
@@ -503,7 +537,7 @@ def test_round_trip_with_real_training(tmp_path, capsys):
     assert log.script == open(os.path.join(REPO, "train_gpt.py"), "rb").read()
     assert log.command == f"python train_gpt.py --preset test --seed 1 --log-dir {first_logs} --run-id seed1"
     records = tmp_path / "records"
-    code, _, err = run_cli(capsys, "new", "--track", "test", "--name", "RoundTrip", "--date", "2026-01-01",
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "test", "--name", "RoundTrip", "--date", "2026-01-01",
                            "--records-dir", records, first_logs / "seed1.txt")
     assert code == 0, err
     folder = records / "test" / "2026-01-01_RoundTrip"
@@ -516,3 +550,291 @@ def test_round_trip_with_real_training(tmp_path, capsys):
     assert c["a"]["n"] == c["b"]["n"] == 1
     # Same seed, script and data on the same CPU: the rerun reaches the same loss.
     assert c["loss_delta"] == pytest.approx(0, abs=1e-3)
+
+
+# --- modded-nanogpt (upstream) logs -------------------------------------------------
+
+UPSTREAM_SCRIPT = b"import torch\nprint0('=' * 100)\nstep_line = 'step:{step}/{total}'\n"
+NVIDIA_SMI = "\n".join(["+-----------------------------------------------------------------------------+",
+                        "| NVIDIA-SMI 570.148.08             Driver Version: 570.148.08     CUDA Version: 12.8 |",
+                        "|=========================================+========================+==========|"]
+                       + [f"|   {i}  NVIDIA H100 80GB HBM3          On  |   00000000:{i:02d}:00.0 Off |    0 |"
+                          for i in range(8)])
+
+
+def upstream_log_text(script=UPSTREAM_SCRIPT, val=(10.8258, 4.1, 3.2781), time_ms=98765.0, total=1750,
+                      early=False, finished=True):
+    """A synthetic log in modded-nanogpt's format: the newer one (script, then a '=' line, as print() writes it),
+    or with early=True the 2024 one (script framed by '=' lines, train_loss on step lines)."""
+    sep = "=" * 100
+    lines = ["Running Python 3.12.7 (main, Oct  1 2024) [GCC 11.4.0]",
+             "Running PyTorch 2.9.0.dev20250713+cu126 compiled for CUDA 12.6", NVIDIA_SMI, sep]
+    steps = [0, total // 2, total] if finished else [0, total // 2]
+    for i, step in enumerate(steps):
+        t = time_ms * step / total
+        lines.append(f"step:{step}/{total} val_loss:{val[i]:.4f} train_time:{t:.0f}ms step_avg:{t / max(step, 1):.2f}ms")
+        if step < total:
+            train = f" train_loss:{val[i] - 0.1:.4f}" if early else ""
+            lines.append(f"step:{step + 1}/{total}{train} train_time:{t + 50:.0f}ms step_avg:{(t + 50) / (step + 1):.2f}ms")
+    if finished:
+        lines.append("peak memory allocated: 31000 MiB reserved: 32000 MiB")
+    body = ("\n".join(lines) + "\n").encode()
+    if early:
+        return (sep + "\n").encode() + script + (sep + "\n").encode() + body
+    return script + b"\n" + (sep + "\n").encode() + body  # print0(code) adds a newline
+
+
+def write_upstream_runs(directory, losses, times_ms, script=UPSTREAM_SCRIPT, **kw):
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, (loss, t) in enumerate(zip(losses, times_ms)):
+        path = os.path.join(str(directory), f"0000000{i}-1111-2222-3333-444444444444.txt")
+        with open(path, "wb") as f:
+            f.write(upstream_log_text(script=script, val=(10.8258, 4.1, loss), time_ms=t, **kw))
+        paths.append(path)
+    return paths
+
+
+def test_upstream_logs_of_both_generations_are_read(tmp_path, capsys):
+    log = parse_log_bytes(upstream_log_text(), "u.txt")
+    assert log.format == "modded-nanogpt" and log.variant == ""
+    assert log.script == UPSTREAM_SCRIPT  # the newline print() added is not part of the script
+    assert log.finished and log.final_val_loss == 3.2781 and log.final_train_time_ms == 98765 and log.final_steps == 1750
+    assert [v.step for v in log.val_steps] == [0, 875, 1750] and [s.step for s in log.train_steps] == [1, 876]
+    assert log.device == "cuda: 8x NVIDIA H100 80GB HBM3" and log.gpus == 8
+    assert log.header["torch"] == "2.9.0.dev20250713+cu126" and log.missing() == []
+    assert log.launch_command == "torchrun --standalone --nproc_per_node=8 train_gpt.py"
+    old = parse_log_bytes(upstream_log_text(early=True), "old.txt")
+    assert old.script == UPSTREAM_SCRIPT and old.finished and old.final_val_loss == 3.2781
+    assert old.variant == "script between two '=' lines, train_loss on step lines"
+    assert old.train_steps[0].train_loss == pytest.approx(10.7258)
+    # check says which format each file is in.
+    path = tmp_path / "old.txt"
+    path.write_bytes(upstream_log_text(early=True))
+    code, out, _ = run_cli(capsys, "check", path)
+    assert code == 0 and out == (f"{path}: modded-nanogpt log (script between two '=' lines, train_loss on step "
+                                 "lines), finished: val_loss 3.2781, 98.77 s, 1750 steps\n")
+
+
+def test_unfinished_and_unrecognised_upstream_files_say_why(tmp_path, capsys):
+    partial = tmp_path / "partial.txt"
+    partial.write_bytes(upstream_log_text(finished=False))
+    code, out, _ = run_cli(capsys, "check", partial)
+    assert code == 1 and "modded-nanogpt log, partial: last step 876/1750" in out
+    assert "no validation at the last step: the run did not finish" in out
+    code, out, err = run_cli(capsys, "stats", partial, "--target", 3.28)
+    assert code == 2 and out == "" and err == f"error: {partial}: no validation at the last step (the run did not finish)\n"
+    cases = {
+        "notes.md": (b"Title\n=========================\nsome text\n", "a line of '=' characters like a modded-nanogpt "
+                     "log, but no 'step:N/T ...' lines after it"),
+        "llmc.txt": (b"s:0 tel:10.9830\ns:1 trl:10.9 \n", "llm.c-era modded-nanogpt log"),
+        "plain.txt": (b"hello\nstep:1/2 val_loss:3.0\n", "no line of '=' characters followed by 'step:N/T' lines"),
+        "unclosed.txt": (b"=" * 100 + b"\nimport torch\n", "no second '=' line closing the script"),
+    }
+    for name, (data, reason) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        code, out, err = run_cli(capsys, "check", path)
+        assert code == 2 and out == "" and err.count("\n") == 1 and reason in err and name in err, err
+
+
+def test_stats_compare_diff_plot_on_folders_of_upstream_logs(tmp_path, capsys):
+    losses, times = [3.2781, 3.2795, 3.2770, 3.2779, 3.2788], [98765, 98100, 99020, 98500, 98650]
+    a = tmp_path / "A"
+    write_upstream_runs(a, losses, times)
+    code, out, err = run_cli(capsys, "stats", a, "--target", 3.28, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["n"] == 5 and s["mean"] == pytest.approx(np.mean(losses))
+    assert s["p_value"] == pytest.approx(sps.ttest_1samp(losses, 3.28, alternative="less").pvalue, rel=1e-12)
+    assert s["time_mean"] * 60_000 == pytest.approx(np.mean(times)) and s["iterations"] == 1750
+    assert s["meets_rule"] and len(s["sources"]) == 5
+    code, out, err = run_cli(capsys, "stats", a)
+    assert code == 2 and err.count("\n") == 1 and "record no target val_loss; pass --target" in err
+    # diff shows the script change between two records, from their logs alone.
+    b = tmp_path / "B"
+    write_upstream_runs(b, losses[:3], [90000, 90500, 91000], script=UPSTREAM_SCRIPT.replace(b"100", b"80"))
+    code, out, _ = run_cli(capsys, "diff", a, b)
+    assert code == 1 and "-print0('=' * 100)" in out and "+print0('=' * 80)" in out
+    code, out, _ = run_cli(capsys, "compare", a, b, "--json")
+    c = json.loads(out)
+    assert c["p_time"] == pytest.approx(sps.ttest_ind(times, [90000, 90500, 91000], equal_var=False).pvalue)
+    fig, plotted = cli.draw_curves([str(a), str(b)], zoom=0.5, target=3.28)
+    assert plotted == 8
+    assert fig.axes[0].get_ylim()[1] == pytest.approx(3.78) and fig.axes[0].get_ylim()[0] < min(losses)
+    assert fig._suptitle.get_text() == "val loss: A vs B (target 3.28)"
+    fig, _ = cli.draw_curves([str(a)], zoom=None)
+    assert fig.axes[1].get_ylim()[1] > 10.8  # --full-range: step 0 is shown
+
+
+def test_new_imports_upstream_logs(tmp_path, capsys):
+    losses = [3.2781, 3.2795, 3.2770, 3.2779, 3.2788]
+    logs = write_upstream_runs(tmp_path / "up", losses, [98765, 98100, 99020, 98500, 98650])
+    records = tmp_path / "records"
+    code, out, err = run_cli(capsys, "new", "--track", "short", "--name", "Imported", "--date", "2025-08-23",
+                             "--target", 3.28, "--records-dir", records, *logs)
+    assert code == 0, err
+    folder = records / "short" / "2025-08-23_Imported"
+    assert (folder / "train_gpt.py").read_bytes() == UPSTREAM_SCRIPT
+    assert (folder / os.path.basename(logs[2])).read_bytes() == open(logs[2], "rb").read()
+    readme = (folder / "README.md").read_text()
+    assert "torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme and "Imported from modded-nanogpt" in readme
+    assert "verdict: meets the record rule" in readme and "cuda: 8x NVIDIA H100 80GB HBM3" in readme
+    code, out, _ = run_cli(capsys, "stats", folder, "--json")
+    assert json.loads(out)["target"] == 3.28  # kept in the README
+
+
+# --- verdicts, inputs and destinations ------------------------------------------------
+
+def test_verdicts_say_why_a_record_fails_and_new_refuses_it(tmp_path, capsys):
+    cases = [  # (losses, what the verdict names)
+        ([3.2700], "only 1 run: no p-value"),
+        ([3.2790, 3.2799, 3.2760], "is not below 0.01"),
+        ([3.2810, 3.2820, 3.2830], "mean val_loss 3.282000 is not below the target 3.28"),
+    ]
+    for i, (losses, reason) in enumerate(cases):
+        code, out, _ = run_cli(capsys, "stats", "--values", *losses, "--target", 3.28)
+        assert code == 0 and "verdict: does NOT meet the record rule: " in out and reason in out
+        (tmp_path / f"c{i}").mkdir()
+        logs = write_runs(tmp_path / f"c{i}", losses, [1000] * len(losses))
+        records = tmp_path / "records"
+        code, out, err = run_cli(capsys, "new", "--track", "t", "--name", f"N{i}", "--records-dir", records, *logs)
+        assert code == 2 and err.count("\n") == 1 and reason in err and "--allow-not-significant" in err
+        assert not records.exists()
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "N", "--date",
+                           "2026-01-01", "--records-dir", records, *logs)
+    assert code == 0, err
+    assert "verdict: does NOT meet the record rule" in (records / "t" / "2026-01-01_N" / "README.md").read_text()
+    code, out, _ = run_cli(capsys, "stats", "--values", *LOSSES, "--target", 3.28)
+    assert "verdict: meets the record rule" in out
+
+
+def test_times_must_match_values(capsys):
+    code, out, err = run_cli(capsys, "stats", "--values", 3.27, 3.271, 3.272, "--target", 3.28, "--times", 1000, 1001)
+    assert code == 2 and out == "" and err == ("error: --times has 2 values but --values has 3; "
+                                               "give one time per run\n")
+
+
+def test_index_reports_skipped_folders(tmp_path, capsys):
+    logs = write_runs(tmp_path, LOSSES[:3], [1000, 1001, 1002])
+    records = tmp_path / "records"
+    run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", "Good", "--date", "2026-01-01",
+            "--records-dir", records, *logs)
+    (records / "t" / "notes").mkdir()
+    (records / "t" / "2026-01-02_NoScript").mkdir()
+    broken = records / "t" / "2026-01-03_Broken"
+    broken.mkdir()
+    (broken / "train_gpt.py").write_text("x = 1\n")
+    code, out, _ = run_cli(capsys, "index", "--records-dir", records)
+    assert code == 0
+    assert f"skipped {records / 't' / 'notes'}: name is not <YYYY-MM-DD>_<Name>" in out
+    assert f"skipped {records / 't' / '2026-01-02_NoScript'}: no train_gpt.py" in out
+    assert f"skipped {broken}: listed without statistics: {broken}: no .txt logs in this folder" in out
+    assert "Good" not in "".join(line for line in out.splitlines() if line.startswith("skipped"))
+
+
+def test_new_readme_paths_work_from_the_repo_root(tmp_path, capsys, monkeypatch):
+    from records import folders
+    monkeypatch.setattr(folders, "REPO_ROOT", str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    logs = write_runs(tmp_path / "logs", LOSSES, [1000] * 7)
+    code, _, err = run_cli(capsys, "new", "--track", "t", "--name", "N", "--date", "2026-01-01",
+                           "--records-dir", tmp_path / "elsewhere" / "recs", "--no-index", *logs)
+    assert code == 0, err
+    readme = (tmp_path / "elsewhere" / "recs" / "t" / "2026-01-01_N" / "README.md").read_text()
+    assert "`python -m records reproduce elsewhere/recs/t/2026-01-01_N`" in readme
+    assert "`python -m records stats elsewhere/recs/t/2026-01-01_N`" in readme
+    # A destination outside the repository is named by its absolute path.
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    code, _, err = run_cli(capsys, "new", "--track", "t", "--name", "N", "--date", "2026-01-01",
+                           "--records-dir", outside, "--no-index", *logs)
+    assert code == 0 and f"reproduce {outside}/t/2026-01-01_N`" in (outside / "t" / "2026-01-01_N" / "README.md").read_text()
+
+
+def test_unwritable_destination_is_named(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refuse(prefix, dir):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "abc123"))
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    logs = write_runs(tmp_path, LOSSES, [1000] * 7)
+    code, out, err = run_cli(capsys, "new", "--track", "t", "--name", "N", "--records-dir", tmp_path / "ro", *logs)
+    assert code == 2 and err == f"error: {tmp_path / 'ro' / 't'}: cannot create the record there: Permission denied\n"
+
+
+# --- reproduce: machine checks, logs found anywhere, dry runs --------------------------
+
+def make_record(tmp_path, capsys, log_kw, name="R"):
+    (tmp_path / "src").mkdir()
+    logs = write_runs(tmp_path / "src", LOSSES[:2], [1000, 1001], **log_kw)
+    records = tmp_path / "records"
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "t", "--name", name, "--date",
+                           "2026-01-01", "--records-dir", records, "--no-index", *logs)
+    assert code == 0, err
+    return records / "t" / f"2026-01-01_{name}"
+
+
+def test_reproduce_checks_the_machine_before_launching(tmp_path, capsys, monkeypatch):
+    folder = make_record(tmp_path, capsys, {})  # 8x H100 record, torchrun --nproc_per_node=8
+    monkeypatch.setattr(cli, "machine_devices", lambda: (0, 2))
+    code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new")
+    assert code == 2 and out == "" and err == (f"error: {folder}: the record ran on cuda: 8x NVIDIA H100 80GB HBM3, "
+                                               "and this machine has no CUDA GPU; run it on a GPU machine (or pass "
+                                               "`-- --device cpu` to try this script on the CPU)\n")
+    # A dry run only shows the commands: the same problem is a warning, and nothing is created.
+    code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new", "--dry-run")
+    assert code == 0 and err.startswith("warning: ") and "has no CUDA GPU" in err and "--nproc_per_node=8" in out
+    monkeypatch.setattr(cli, "machine_devices", lambda: (1, 16))
+    code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new")
+    assert code == 2 and "starts 8 processes, one per GPU, and this machine has 1 CUDA GPU(s); " \
+                         "pass --nproc-per-node 1" in err
+    code, out, err = run_cli(capsys, "reproduce", folder, "--logs-dir", tmp_path / "new", "--nproc-per-node", 1,
+                             "--dry-run")
+    assert code == 0 and "--nproc_per_node=1" in out
+    assert not (tmp_path / "new").exists()  # --dry-run creates nothing
+
+
+def test_reproduce_dry_run_creates_no_logs_folder(tmp_path, capsys, monkeypatch):
+    from records import folders
+    folder = make_record(tmp_path, capsys, {"command": "python train_gpt.py --seed 0", "device": "cpu: x (2 cores)"})
+    monkeypatch.setattr(folders, "REPO_ROOT", str(tmp_path / "repo"))
+    code, out, err = run_cli(capsys, "reproduce", folder, "--dry-run")
+    assert code == 0, err
+    assert f"--log-dir {tmp_path / 'repo' / 'logs' / 'reproduce'}" in out
+    assert not (tmp_path / "repo").exists()
+
+
+def test_upstream_records_launch_without_our_options():
+    log = parse_log_bytes(upstream_log_text(), "u.txt")
+    argv = cli.launch_argv(log, "records/x/train_gpt.py", "id", "/tmp/l", [], nproc_per_node=2)
+    assert argv[-2:] == ["--nproc_per_node=2", "records/x/train_gpt.py"] and "--run-id" not in argv
+    assert cli.processes_of(argv) == 2
+
+
+# A trainer that, like upstream scripts, ignores --run-id/--log-dir and writes logs/<its own id>.txt.
+STUBBORN_TRAINER = FAKE_TRAINER.replace('a = p.parse_args()', 'a, _ = p.parse_known_args()\nimport uuid') \
+    .replace('if not os.path.exists("data/sample/tinyshakespeare_val_000000.bin"):\n    sys.exit(', 'if 0:\n    (') \
+    .replace('os.makedirs(a.log_dir, exist_ok=True)', 'a.log_dir, a.run_id = "logs", str(uuid.uuid4())\n'
+             'os.makedirs(a.log_dir, exist_ok=True)')
+
+
+def test_reproduce_finds_the_log_a_script_writes_on_its_own(tmp_path, capsys, monkeypatch):
+    from records import folders
+    assert "uuid.uuid4()" in STUBBORN_TRAINER and "sys.exit(" not in STUBBORN_TRAINER
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    trainer = tmp_path / "src" / "train_gpt.py"
+    trainer.parent.mkdir()
+    trainer.write_text(STUBBORN_TRAINER)
+    subprocess.run([sys.executable, str(trainer), "--seed", "1"], cwd=tmp_path, check=True, timeout=60)
+    (first,) = list((tmp_path / "logs").iterdir())
+    records = tmp_path / "records"
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "cpu", "--name", "S", "--date",
+                           "2026-01-01", "--records-dir", records, "--no-index", first)
+    assert code == 0, err
+    monkeypatch.setattr(folders, "REPO_ROOT", str(repo))
+    code, out, err = run_cli(capsys, "reproduce", records / "cpu" / "2026-01-01_S", "--logs-dir", tmp_path / "new")
+    assert code == 0, err
+    (written,) = list((repo / "logs").iterdir())
+    assert f"new logs: {written}" in out and "Welch p" in out
+    assert parse_log(str(written)).script == trainer.read_bytes()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import train_gpt as tg
 
@@ -34,13 +35,48 @@ def test_short_lr_schedule_is_not_monotone(short):
 
 
 def test_short_muon_momentum(short):
+    """Warm-up over the first 300 steps; cool-down over the last 50 of all 2000 (1950 -> 2000,
+    extension included): 0.95 - 0.1 * (step - 1950) / 50."""
     assert tg.muon_momentum_at(0, short) == pytest.approx(0.85)
     assert tg.muon_momentum_at(150, short) == pytest.approx(0.90)
     assert tg.muon_momentum_at(300, short) == pytest.approx(0.95)
     assert tg.muon_momentum_at(1910, short) == pytest.approx(0.95)
-    assert tg.muon_momentum_at(1935, short) == pytest.approx(0.90)
-    assert tg.muon_momentum_at(1960, short) == pytest.approx(0.85)
-    assert tg.muon_momentum_at(1999, short) == pytest.approx(0.85)
+    assert tg.muon_momentum_at(1949, short) == pytest.approx(0.95)
+    assert tg.muon_momentum_at(1950, short) == pytest.approx(0.95)
+    assert tg.muon_momentum_at(1960, short) == pytest.approx(0.95 - 0.1 * 10 / 50)
+    assert tg.muon_momentum_at(1975, short) == pytest.approx(0.90)
+    assert tg.muon_momentum_at(1999, short) == pytest.approx(0.95 - 0.1 * 49 / 50)  # 0.852
+
+
+def keys_seen(window, granularity_block=0, query=5000):
+    """Keys a query deep inside one long document may attend to, counted from the mask predicate."""
+    k = torch.arange(query + 1)
+    allowed = tg.attention_mask_allows(torch.tensor(query), k, 0, 0, window, granularity_block)
+    return int(allowed.sum())
+
+
+def test_short_window_key_counts_at_every_stage_and_final_validation(short):
+    """Short = floor(long_blocks / 2) blocks; a window of w tokens shows w + 1 keys (the query and
+    the w before it); final validation: long 20 blocks, short stays at 6."""
+    expected = {0: (3, 1), 654: (7, 3), 1307: (11, 5), 1960: (13, 6)}
+    for step, (long_blocks, short_blocks) in expected.items():
+        long_window = tg.long_window_at(step, short)
+        short_window = tg.short_window_for(long_window, short)
+        assert (long_window, short_window) == (long_blocks * 128, short_blocks * 128), step
+        assert (keys_seen(long_window), keys_seen(short_window)) == (long_blocks * 128 + 1, short_blocks * 128 + 1)
+    assert tg.final_val_windows(short) == (20 * 128, 6 * 128)
+    assert [keys_seen(w) for w in tg.final_val_windows(short)] == [2561, 769]
+
+
+def test_medium_short_window_is_half_the_blocks_rounded_down():
+    medium = tg.config_from_args(["--preset", "medium"])
+    odd = next(s for s in range(5590) if tg.long_window_at(s, medium) // 128 % 2 == 1)
+    long_blocks = tg.long_window_at(odd, medium) // 128
+    assert tg.short_window_for(long_blocks * 128, medium) == (long_blocks // 2) * 128
+    assert tg.final_val_windows(medium) == (3456, 1664)  # 27 and 13 blocks
+    # Block granularity: a query sees whole blocks b-n+1 .. b, so the key count depends on where it sits.
+    assert keys_seen(3 * 128, 128, query=5 * 128) == 2 * 128 + 1  # first token of its block
+    assert keys_seen(3 * 128, 128, query=6 * 128 - 1) == 3 * 128  # last token of its block
 
 
 def test_medium_cubic_window_and_linear_cooldown():
