@@ -118,38 +118,47 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def attention_vs_sdpa(backend: str, T: int = 8192, heads: int = 6, dim: int = 128) -> dict:
+def schedule_windows(preset: str) -> list[int]:
+    """Every window (long and short, in tokens) a preset's schedule uses, its final validation included."""
+    cfg = tg.config_from_args(["--preset", preset])
+    return sorted({w for step in range(tg.total_steps(cfg)) for w in
+                   (tg.long_window_at(step, cfg), tg.short_window_for(tg.long_window_at(step, cfg), cfg))}
+                  | set(tg.final_val_windows(cfg)))
+
+
+def attention_vs_sdpa(backend: str, windows: list[int], block: int = 0, T: int = 8192, heads: int = 6,
+                      dim: int = 128, device: str = "cuda") -> dict:
     """Forward and the three gradients of `backend` vs the SDPA path (fp32 reference), per window."""
-    cfg = tg.config_from_args(["--preset", "short"])
-    windows = sorted({w for step in range(tg.total_steps(cfg)) for w in
-                      (tg.long_window_at(step, cfg), tg.short_window_for(tg.long_window_at(step, cfg), cfg))}
-                     | set(tg.final_val_windows(cfg)))
-    segments = packed_segments(T, 0, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(T, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    grad_out = torch.randn(T, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    segments = packed_segments(T, 0, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(T, heads, dim, device=device, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn(T, heads, dim, device=device, generator=g, dtype=torch.bfloat16)
     attend = tg.ATTENTION_BACKENDS[backend]
     per_window, ok = {}, True
     for window in windows:
         outs = []
         for fn, dtype in ((attend, torch.bfloat16), (tg.attention_sdpa, torch.float32)):
             leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-            out = fn(*leaves, segments, window, dim ** -0.5)
+            out = fn(*leaves, segments, window, dim ** -0.5, block)
             grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
             outs.append([out, *grads])
         errors = {name: relative_error(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), *outs)}
         window_ok = all(e < 2e-2 for e in errors.values())  # bf16 attention vs fp32: ~4e-3 expected
         ok &= window_ok
         per_window[str(window)] = {"ok": window_ok, **{k: round(e, 6) for k, e in errors.items()}}
-    return {"ok": ok, "tokens": T, "windows": per_window, "tolerance_relative": 2e-2}
+    return {"ok": ok, "tokens": T, "block": block, "windows": per_window, "tolerance_relative": 2e-2}
 
 
 def stage_varlen_vs_sdpa() -> dict:
-    return attention_vs_sdpa("varlen")
+    return attention_vs_sdpa("varlen", schedule_windows("short"))
 
 
 def stage_flex_vs_sdpa() -> dict:
-    return attention_vs_sdpa("flex")
+    """Token windows of the short schedule, and 128-token block windows (a sample of the medium schedule's)."""
+    token = attention_vs_sdpa("flex", schedule_windows("short"))
+    block_windows = schedule_windows("medium")
+    block = attention_vs_sdpa("flex", block_windows[::max(1, len(block_windows) // 6)], block=128, heads=8)
+    return {"ok": token["ok"] and block["ok"], "token_windows": token, "block_windows": block}
 
 
 def stage_fp8_head(T: int = 8192, dim: int = 768, vocab: int = 50304, device: str = "cuda") -> dict:

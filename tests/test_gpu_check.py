@@ -72,3 +72,12 @@ def test_timed_run_logic_on_cpu():
     assert all(s["ms_per_step"] > 0 and s["steps"] == 2 for s in result["stages"].values())
     assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0
     json.dumps(result)
+
+
+def test_attention_stage_logic_on_cpu():
+    """The comparison loop itself (SDPA in bf16 against SDPA in fp32 here; varlen/flex on CUDA), both window kinds."""
+    assert gpu_check.schedule_windows("short") == [128, 384, 640, 768, 896, 1408, 1664, 2560]
+    for block in (0, 32):
+        result = gpu_check.attention_vs_sdpa("sdpa", [0, 64, 96], block=block, T=256, heads=2, dim=16, device="cpu")
+        assert result["ok"] and list(result["windows"]) == ["0", "64", "96"], result
+        assert all(w["out"] < 1e-2 for w in result["windows"].values())
