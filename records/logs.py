@@ -19,6 +19,7 @@ first two; logs of the llm.c era (`s:N tel:X` lines) carry no times and are refu
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -26,9 +27,28 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# The script contains the unformatted template of this marker, which the pattern
-# cannot match because it demands a hex digest and a decimal size.
-MARKER = re.compile(rb"^==== end of script: sha256=([0-9a-f]{64}) bytes=(\d+) ====\r?$", re.MULTILINE)
+TRAIN_GPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py")
+
+
+def script_marker_template(path: str = TRAIN_GPT) -> str:
+    """train_gpt.END_OF_SCRIPT, the one definition of the marker, read from the source (importing
+    train_gpt would import torch, which reading a log does not need)."""
+    with open(path, "rb") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["END_OF_SCRIPT"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{path} defines no END_OF_SCRIPT")
+
+
+def _marker_pattern(template: str) -> re.Pattern:
+    # The script contains the unformatted template, which the pattern cannot match because
+    # it demands a hex digest and a decimal size.
+    pattern = re.escape(template).replace(re.escape("{digest}"), "([0-9a-f]{64})").replace(re.escape("{size}"), r"(\d+)")
+    return re.compile(("^" + pattern + r"\r?$").encode(), re.MULTILINE)
+
+
+MARKER = _marker_pattern(script_marker_template())
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)((?: \S+:\S+)*)\s*$")
 HEADER_LINE = re.compile(r"^([A-Za-z_][\w-]*): ?(.*)$")
 FORMAT_OURS = "speedrun"  # this repository's train_gpt.py
