@@ -45,61 +45,189 @@ import torch.nn.functional as F
 # =============================================================================
 # 1. Configuration and presets
 # =============================================================================
-# One flat dataclass so any field can be overridden from the command line
-# (`--field value`). Defaults are the short-track record (2025-12-21) recipe.
+# Settings are grouped by the code that owns them: RunConfig (the run as a whole), DataConfig
+# (section 2), ModelConfig (3), OptimizerConfig (5), ScheduleConfig (6) and LoopConfig (9).
+# Field names are unique across the groups, so the command line stays flat: `--field value`
+# sets the field of whichever group holds it. A field's metadata names its choices or the
+# bound it must respect; `build_config` parses every value into its field's type and checks
+# everything exactly once, so the code downstream trusts what it is given.
+# Defaults are the short-track record (2025-12-21) recipe.
+
+
+class ConfigError(ValueError):
+    """A setting that makes the run impossible; reported as one line before training."""
+
+
+def setting(default, *, choices=(), check=None, parse=None, show=None, help: str = ""):
+    """A config field. choices: the allowed values (or a function returning them, for registries
+    defined in later sections); check: (predicate, message); parse(text, current) turns command-line
+    text into the field's value, show(value) turns it back (default: by the default's type)."""
+    metadata = {"choices": choices, "check": check, "parse": parse, "show": show, "help": help}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
+FRACTION = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+def parse_skips(text: str, current=None) -> tuple:
+    """'6<3,9<6' -> ((6, 3), (9, 6)): the output of layer 3 joins the input of layer 6."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        to, _, frm = item.partition("<")
+        if not (to.strip().isdigit() and frm.strip().isdigit()) or int(frm) >= int(to):
+            raise ConfigError(f"--skip-connections {text!r}: each item must be 'to<from' with from < to")
+        pairs.append((int(to), int(frm)))
+    return tuple(pairs)
+
+
+def show_skips(pairs) -> str:
+    return ",".join(f"{to}<{frm}" for to, frm in pairs)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How one parameter label is optimised: which optimiser, and that optimiser's lr and weight
+    decay multiplied by `lr` and `wd` (the label's multipliers); `betas` for the Adam kinds.
+    Optimisers: adam (DistAdam), scalar_adam (its own DistAdam instance, the one paused after a
+    schedule transition), muon (Muon/NorMuon; matrices only)."""
+    optimizer: str
+    lr: float = 1.0
+    wd: float = 1.0
+    betas: tuple | None = None
+
+
+LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
+# Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
+PARAMETER_LABELS = ("lm_head", "embed", "value_embed", "smear_gate", "x0_lambdas", "scalars",
+                    "attn", "attn_gate", "mlp_fc", "mlp_proj")
+
+SHORT_TRACK_LABELS = {
+    #               optimiser       lr    wd   Adam betas
+    "lm_head":     LabelRule("adam", 1.0, 1.0, (0.65, 0.95)),
+    "embed":       LabelRule("adam", 1.0, 1.0, (0.65, 0.95)),
+    "value_embed": LabelRule("adam", 75.0, 1.0, (0.65, 0.95)),
+    "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),
+    "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.65, 0.95)),
+    "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
+    "attn":        LabelRule("muon"),
+    "attn_gate":   LabelRule("muon"),
+    "mlp_fc":      LabelRule("muon"),
+    "mlp_proj":    LabelRule("muon", 2.0),
+}
+MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars and x0 lambdas 0.015 (= 4.8x)
+    #               optimiser       lr    wd   Adam betas
+    "lm_head":     LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),
+    "embed":       LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),
+    "value_embed": LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),
+    "smear_gate":  LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),
+    "x0_lambdas":  LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),
+    "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
+    "attn":        LabelRule("muon"),
+    "attn_gate":   LabelRule("muon"),
+    "mlp_fc":      LabelRule("muon", 1.0, 2.0),
+    "mlp_proj":    LabelRule("muon", 1.0, 2.0),
+}
+
+
+def parse_label_overrides(text: str, table: dict) -> dict:
+    """'value_embed.lr=80,scalars.betas=0.9/0.99,mlp_proj.optimizer=adam' applied to a label table."""
+    updated = dict(table)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, sep, value = item.partition("=")
+        label, _, key = target.partition(".")
+        if not sep or label not in updated or key not in ("optimizer", "lr", "wd", "betas"):
+            raise ConfigError(f"--labels {text!r}: expected 'label.key=value,...' with a label of "
+                              f"{', '.join(PARAMETER_LABELS)} and a key of optimizer, lr, wd, betas; got {item!r}")
+        try:
+            parsed = (value if key == "optimizer" else tuple(float(b) for b in value.split("/")) if key == "betas"
+                      else float(value))
+        except ValueError:
+            raise ConfigError(f"--labels {text!r}: {item!r} is not a number (betas: b1/b2)") from None
+        updated[label] = dataclasses.replace(updated[label], **{key: parsed})
+    return updated
+
+
+def show_labels(table: dict) -> str:
+    return ",".join(f"{label}.optimizer={r.optimizer},{label}.lr={r.lr:g},{label}.wd={r.wd:g}"
+                    + (f",{label}.betas={r.betas[0]:g}/{r.betas[1]:g}" if r.betas else "")
+                    for label, r in table.items())
 
 
 @dataclass
-class Config:
-    # --- run -----------------------------------------------------------------
+class RunConfig:
     preset: str = "short"
     seed: int = 0
     run_id: str = ""  # empty: generated from time and seed
     log_dir: str = "logs"
     target_val_loss: float = 3.28
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = setting("auto", choices=("auto", "cuda", "cpu"))
     compile: bool = True  # torch.compile the model on CUDA
     compile_cpu: bool = False  # also compile on CPU (slow start; checks the compiled path without a GPU)
-    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager
+    compile_backend: str = setting("inductor", choices=("inductor", "aot_eager", "eager"))
+    dist_timeout_s: int = setting(300, check=POSITIVE)
 
-    # --- data ----------------------------------------------------------------
-    data: str = "fineweb"  # fineweb | synthetic
+
+@dataclass
+class DataConfig:
+    data: str = setting("fineweb", choices=("fineweb", "synthetic"), help="synthetic: random tokens, for speed tests")
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     bos_id: int = 50256
-    max_seq_len: int = 2048
+    max_seq_len: int = setting(2048, check=POSITIVE)
     repeat_data: bool = False  # start the train shards again when they run out (small samples)
-    data_stream: str = "bos_aligned"  # bos_aligned (short record) | contiguous (medium record); see FIELD_HELP
-    long_documents: str = "truncate"  # truncate (records) | continue (cpu, test, your own files); see FIELD_HELP
-    data_prefetch: bool = True  # index the next shard and build the next step's batches in background threads
-    # Every step's global batch is cut into this many slices; each
-    # rank takes slices/world_size of them as gradient-accumulation micro-steps,
-    # so 1, 2, 4 or 8 ranks see exactly the same data.
-    batch_slices: int = 8
-    val_tokens: int = 10_485_760
+    data_stream: str = setting(
+        "bos_aligned", choices=("bos_aligned", "contiguous"),
+        help="bos_aligned: every sequence starts at a document start and is cut at max_seq_len or the next "
+             "document (short record; cpu, test). contiguous: each slice is the next run of the token stream, "
+             "documents cut at slice edges, attention masked per document (medium record)")
+    long_documents: str = setting(
+        "truncate", choices=("truncate", "continue"),
+        help="bos_aligned only. truncate: a document longer than max_seq_len is cut and its rest never "
+             "trained on (the short record; default of short and medium). continue: the rest continues in "
+             "the next sequences, each part its own attention sequence, so every token is used (default "
+             "of cpu and test, and of any run given --train-files without --preset)")
+    data_prefetch: bool = setting(True, help="build the next step's batches and index the next shard in "
+                                             "background threads; the batches are identical either way")
+    # Every step's global batch is cut into this many slices; each rank takes
+    # slices/world_size of them as gradient-accumulation micro-steps, so 1, 2, 4 or 8
+    # ranks see exactly the same data.
+    batch_slices: int = setting(8, check=POSITIVE)
+    val_tokens: int = setting(10_485_760, check=POSITIVE)
     # Validation reads val_batch_tokens/batch_slices tokens per forward at every world size
     # (the record's per-GPU chunk on 8 GPUs): documents are cut only at those chunk ends.
-    val_batch_tokens: int = 4 * 64 * 1024 * 8
+    val_batch_tokens: int = setting(4 * 64 * 1024 * 8, check=POSITIVE)
 
-    # --- model ---------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
     vocab_size: int = 50257
-    vocab_pad_multiple: int = 128
-    num_layers: int = 11
-    model_dim: int = 768
-    num_heads: int = 6
-    head_dim: int = 128
-    mlp_ratio: int = 4
-    window_block: int = 128  # windows are counted in blocks of this many tokens
-    window_pattern: str = "SSSLSSNSSSL"  # per layer: S short window (long_blocks//2 blocks), L long, N no attention
+    vocab_pad_multiple: int = setting(128, check=POSITIVE)
+    num_layers: int = setting(11, check=POSITIVE)
+    model_dim: int = setting(768, check=POSITIVE)
+    num_heads: int = setting(6, check=POSITIVE)
+    head_dim: int = setting(128, check=(lambda v: v > 0 and v % 4 == 0, "must be a positive multiple of 4 "
+                                                                           "(rotary quarters)"))
+    mlp_ratio: int = setting(4, check=POSITIVE)
+    window_block: int = setting(128, check=POSITIVE)  # windows are counted in blocks of this many tokens
+    # per layer: S short window (long_blocks//2 blocks), L long, N no attention
+    window_pattern: str = setting("SSSLSSNSSSL", check=(lambda v: not set(v) - set("SLN"),
+                                                        "use S (short), L (long) or N (no attention)"))
     # token: a window of w tokens lets a query see itself and the w tokens before it (short record);
     # block: a query in block b sees the keys of blocks b-n+1..b, n = w/window_block (medium record's block mask)
-    window_granularity: str = "token"
-    value_embed_pattern: str = "12......012"  # per layer: value-embedding table added to v, '.' none
+    window_granularity: str = setting("token", choices=("token", "block"))
+    # per layer: value-embedding table added to v, '.' none
+    value_embed_pattern: str = setting("12......012", check=(lambda v: not set(v) - set(".0123456789"),
+                                                             "use a table index or '.' per layer"))
     tie_embedding: bool = True  # the token embedding is the lm_head matrix
-    input_embeds: int = 1  # input embeddings mixed into every block's residual (medium: 2)
+    input_embeds: int = setting(1, check=AT_LEAST_ONE)  # input embeddings mixed into every block's residual
     smear_gate: bool = True  # add a gated share of the previous token's embedding
     attn_gate: bool = True  # per-head sigmoid gate on the attention output
-    gate_dims: int = 12  # leading residual dims that feed the smear and attention gates
+    gate_dims: int = setting(12, check=POSITIVE)  # leading residual dims that feed the smear and attention gates
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
     # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
     mask_document_starts: bool = False
@@ -114,251 +242,356 @@ class Config:
     sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections (value_path normed: of v and ve)
     # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
     # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
-    value_path: str = "scaled"
-    value_embed_init_std: float = 0.0  # 0: zero-init value embeddings (short record); medium record: N(0, 1)
+    value_path: str = setting("scaled", choices=("scaled", "normed"))
+    value_embed_init_std: float = setting(0.0, check=NON_NEGATIVE)  # 0: zero init (short record); medium: N(0, 1)
     # transposed: MLP output stored (4*dim x dim) like the input matrix (short track); out_in: stored
     # (dim x 4*dim) as the medium record did, so its Muon shape factor is 1
-    mlp_proj_layout: str = "transposed"
-    skip_connections: str = "6<3"  # "to<from": the output of layer `from` joins the input of layer `to`
-    skip_gate: str = "sigmoid"  # sigmoid: weight sigmoid(lambda) | linear: weight lambda
+    mlp_proj_layout: str = setting("transposed", choices=("transposed", "out_in"))
+    # "to<from": the output of layer `from` joins the input of layer `to`
+    skip_connections: tuple = setting(((6, 3),), parse=parse_skips, show=show_skips)
+    skip_gate: str = setting("sigmoid", choices=("sigmoid", "linear"))  # weight sigmoid(lambda) | lambda
     skip_init: float = -1.5
     backout_layer: int = 7  # subtract backout_lambda x this layer's output before the head; -1: off
     backout_init: float = 0.5
-    softcap: str = "sigmoid"  # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
-    head_init_std: float = 0.005  # 0: zero-init head
+    # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
+    softcap: str = setting("sigmoid", choices=("sigmoid", "rational", "none"))
+    head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = (100 / 448, 1.5 / 448, 0.75 / 448)  # fixed scales of x, w and the logit gradient
-    attention_backend: str = "auto"  # auto (varlen on CUDA, sdpa on CPU) | varlen | flex | sdpa
-    compute_dtype: str = "bfloat16"  # activations, embeddings and head; matrices keep fp32 masters
-    # --- end model -----------------------------------------------------------
+    # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
+    attention_backend: str = setting("auto", choices=("auto", "varlen", "flex", "sdpa"))
+    compute_dtype: str = setting("bfloat16", choices=("bfloat16", "float32"))  # activations, embeddings, head
 
-    # --- optimisers ----------------------------------------------------------
-    optimizer: str = "normuon"  # normuon | muon (no variance reduction) | adamw (plain AdamW-on-everything baseline)
-    # Per-label multipliers "label:x,..." (labels not named: 1). Labels: see section 5.
-    lr_multipliers: str = "value_embed:75,smear_gate:0.01,x0_lambdas:5,scalars:5,mlp_proj:2"
-    wd_multipliers: str = "smear_gate:0,x0_lambdas:0,scalars:0"
+
+@dataclass
+class OptimizerConfig:
+    # normuon | muon (no variance reduction) | adamw (plain AdamW on everything, the baseline)
+    optimizer: str = setting("normuon", choices=("normuon", "muon", "adamw"))
+    # Which optimiser each parameter label gets, with its lr/wd multipliers and Adam betas (LabelRule).
+    labels: dict = setting(SHORT_TRACK_LABELS, parse=parse_label_overrides, show=show_labels,
+                           help="overrides of the preset's label table: label.key=value,... "
+                                "(keys optimizer, lr, wd, betas as b1/b2), e.g. value_embed.lr=80")
     # cautious: decay wd*lr*eff_lr where update and weight do not have opposite signs (short record);
     # decoupled: p *= 1 - wd*lr everywhere (classic AdamW, medium record)
-    wd_style: str = "cautious"
+    wd_style: str = setting("cautious", choices=("cautious", "decoupled"))
     # Adam's cautious decay per step is wd*(lr*m)^2 (m the label's lr multiplier, short record);
     # variant: wd*lr^2*m, the label multiplier not squared (value embeddings decayed 75x less).
     adam_wd_linear_lr_mult: bool = False
-    adam_lr: float = 0.008
-    adam_betas: tuple = (0.65, 0.95)
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.005
-    scalar_betas: tuple = (0.9, 0.99)  # the separate, pausable Adam on the `scalars` vector
+    adam_lr: float = setting(0.008, check=POSITIVE)
+    adam_eps: float = setting(1e-8, check=POSITIVE)
+    adam_wd: float = setting(0.005, check=NON_NEGATIVE)
+    adam_every: int = setting(2, check=AT_LEAST_ONE)  # Adam groups step every N steps (gradients summed)
     adam_bf16_moments: bool = True  # moments stored in bf16, update math in fp32
-    # Adam research switches (SPEC 5); they apply to every Adam group, the adamw baseline too.
+    # Adam research switches; they apply to every Adam group, the adamw baseline too.
     adam_bias_correction: bool = True
-    adam_moment_init: str = "zeros"  # zeros | first_grad (m0 = g0, v0 = g0^2)
+    adam_moment_init: str = setting("zeros", choices=("zeros", "first_grad"))  # first_grad: m0 = g0, v0 = g0^2
     adam_nested_ema: bool = False  # w -= lr * EMA_b1(g / (sqrt(EMA_b2(g^2)) + eps))
-    adam_eps_schedule: str = "constant"  # constant | linear | geometric: adam_eps -> adam_eps_end over num_iterations
-    adam_eps_end: float = 1e-8
-    muon_lr: float = 0.023
-    muon_wd: float = 1.2
+    # constant | linear | geometric: adam_eps -> adam_eps_end over num_iterations
+    adam_eps_schedule: str = setting("constant", choices=("constant", "linear", "geometric"))
+    adam_eps_end: float = setting(1e-8, check=POSITIVE)
+    muon_lr: float = setting(0.023, check=POSITIVE)
+    muon_wd: float = setting(1.2, check=NON_NEGATIVE)
     # Muon lr (and cautious decay) factor sqrt(max(1, rows/cols)) of: parameter = the parameter as stored,
     # leading dims folded into rows (the short record's fused (4*768 x 768) QKVO: 2); matrix = each
     # orthogonalised matrix (medium record; as a short-track variant it halves the attention step)
-    muon_shape_factor: str = "parameter"
-    normuon_beta2: float = 0.95
-    orthogonalizer: str = "polar_express"  # a key of ORTHOGONALIZERS (section 4)
-    orthogonalizer_steps: int = 5
+    muon_shape_factor: str = setting("parameter", choices=("parameter", "matrix"))
+    normuon_beta2: float = setting(0.95, check=FRACTION)
+    orthogonalizer: str = setting("polar_express", choices=lambda: tuple(ORTHOGONALIZERS))
+    orthogonalizer_steps: int = setting(5, check=AT_LEAST_ONE)
     # EMA update smoothing u <- s*u + (1-s)*O on the Muon update (0: off). With
     # muon_smoothing_steps > 0, s moves linearly from muon_smoothing_start to muon_smoothing.
-    muon_smoothing: float = 0.0
-    muon_smoothing_start: float = 0.0
-    muon_smoothing_steps: int = 0
+    muon_smoothing: float = setting(0.0, check=FRACTION)
+    muon_smoothing_start: float = setting(0.0, check=FRACTION)
+    muon_smoothing_steps: int = setting(0, check=NON_NEGATIVE)
     # The adamw baseline: one lr/betas/wd for every parameter, decoupled wd, every step.
-    adamw_lr: float = 0.0018
+    adamw_lr: float = setting(0.0018, check=POSITIVE)
     adamw_betas: tuple = (0.9, 0.95)
-    adamw_wd: float = 0.1
+    adamw_wd: float = setting(0.1, check=NON_NEGATIVE)
     # Snoo outer optimiser: after inner steps 1, 1+K, 1+2K, ... pull a slow copy along with Nesterov momentum.
     snoo: bool = False
-    snoo_every: int = 28
-    snoo_lr: float = 0.68
-    snoo_momentum: float = 0.37
-    # --- end optimisers ------------------------------------------------------
+    snoo_every: int = setting(28, check=AT_LEAST_ONE)
+    snoo_lr: float = setting(0.68, check=POSITIVE)
+    snoo_momentum: float = setting(0.37, check=FRACTION)
 
-    # --- schedules -----------------------------------------------------------
-    num_iterations: int = 1960  # scheduled steps
-    extension_iterations: int = 40  # extra steps at the final batch/window
-    batch_tokens_stages: tuple = (131_072, 262_144, 393_216)  # one per third
+
+@dataclass
+class ScheduleConfig:
+    num_iterations: int = setting(1960, check=POSITIVE)  # scheduled steps
+    extension_iterations: int = setting(40, check=NON_NEGATIVE)  # extra steps at the final batch/window
+    batch_tokens_stages: tuple = (131_072, 262_144, 393_216)  # one per equal part of the scheduled steps
     batch_tokens_extension: int = 393_216
-    long_window_blocks_stages: tuple = (3, 7, 11)  # one per third
+    long_window_blocks_stages: tuple = (3, 7, 11)  # one per stage
     long_window_blocks_extension: int = 13
     long_window_blocks_final_val: int = 20
-    window_schedule: str = "stages"  # stages | cubic (medium track)
+    window_schedule: str = setting("stages", choices=("stages", "cubic"))  # cubic: the medium track's growth
     window_cubic_max_tokens: int = 3456
     lr_stage_multipliers: tuple = (1.0, 1.51, 1.93)
     cooldown_frac: float = 0.55
     lr_min_frac: float = 0.1
-    momentum_warmup_steps: int = 300
-    momentum_cooldown_steps: int = 50
+    momentum_warmup_steps: int = setting(300, check=NON_NEGATIVE)
+    momentum_cooldown_steps: int = setting(50, check=NON_NEGATIVE)
     momentum_min: float = 0.85
     momentum_max: float = 0.95
-    adam_every: int = 2  # Adam groups step every N steps (gradients summed over them)
-    scalar_pause_steps: int = 40  # scalar Adam ignores gradients this long after a transition
+    scalar_pause_steps: int = setting(40, check=NON_NEGATIVE)  # scalar Adam drops gradients after a transition
 
-    # --- evaluation, logging, checkpoints -------------------------------------
-    val_every: int = 250
-    log_every: int = 1  # a step line (time, no host sync) every N steps
-    train_loss_every: int = 10  # ... with the train loss every N steps (reading it waits for the GPU)
-    checkpoint_every: int = 0  # 0: never
+
+@dataclass
+class LoopConfig:
+    val_every: int = setting(250, check=NON_NEGATIVE)  # 0: validate only at the end
+    log_every: int = setting(1, check=NON_NEGATIVE)  # a step line (time, no host sync) every N steps
+    train_loss_every: int = setting(10, check=NON_NEGATIVE)  # ... with the train loss (reading it waits for the GPU)
+    checkpoint_every: int = setting(0, check=NON_NEGATIVE)  # 0: never
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # a checkpoint directory written by --checkpoint-every
-    warmup_steps: int = 10  # untimed compile/warm-up steps, state restored afterwards
-    dist_timeout_s: int = 300
+    warmup_steps: int = setting(10, check=NON_NEGATIVE)  # untimed compile/warm-up steps, state restored afterwards
 
 
-# Longer --help text for fields whose choice needs explaining.
-FIELD_HELP = {
-    "data_stream": "bos_aligned: every sequence starts at a document start and is cut at max_seq_len or the next "
-                   "document (short record; cpu, test). contiguous: each slice is the next run of the token stream, "
-                   "documents cut at slice edges, attention masked per document (medium record)",
-    "long_documents": "bos_aligned only. truncate: a document longer than max_seq_len is cut and its rest never "
-                      "trained on (the short record; default of short and medium). continue: the rest continues in "
-                      "the next sequences, each part its own attention sequence, so every token is used (default "
-                      "of cpu and test, and of any run given --train-files without --preset)",
-    "data_prefetch": "build the next step's batches and index the next shard in background threads; "
-                     "the batches are identical either way",
-}
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
-class ConfigError(ValueError):
-    """A setting that makes the run impossible; reported as one line before training."""
-
+CONFIG_GROUPS = {g.name: g.default_factory for g in fields(Config)}
+# field name -> (group name, dataclass field): the flat namespace of the command line and the log.
+CONFIG_FIELDS = {f.name: (group, f) for group, cls in CONFIG_GROUPS.items() for f in fields(cls)}
 
 PRESETS: dict[str, dict] = {
     "short": {},
     "medium": {
-        # medium model
-        "num_layers": 16, "model_dim": 1024, "num_heads": 8, "head_dim": 128,
-        "window_pattern": "LSSSLSSNSSSLSSSL", "value_embed_pattern": "01234......01234",
-        "tie_embedding": False, "input_embeds": 2, "smear_gate": False, "attn_gate": False, "key_shift": False,
-        "attn_scale": 0.12, "yarn": False, "resid_lambda_init": 1.0, "sa_lambda_init": (0.5, 0.5),
-        "value_path": "normed", "value_embed_init_std": 1.0, "mlp_proj_layout": "out_in", "fp32_head": True,
-        "window_granularity": "block",
-        "skip_connections": "9<6,10<4,11<2", "skip_gate": "linear", "skip_init": 1.0, "backout_layer": -1,
-        "softcap": "rational", "head_init_std": 0.0, "fp8_head": False,
-        # end medium model
-        # medium optimisers
-        # Adam: head 1/320, embeddings 0.3 (= 96x), scalars and x0 lambdas 0.015 (= 4.8x), no wd.
-        "adam_lr": 1 / 320, "adam_betas": (0.8, 0.95), "scalar_betas": (0.8, 0.95), "adam_eps": 1e-10, "adam_wd": 0.0,
-        "lr_multipliers": "embed:96,value_embed:96,scalars:4.8,x0_lambdas:4.8",
-        "optimizer": "muon", "muon_lr": 0.03, "muon_wd": 0.01, "wd_multipliers": "mlp_fc:2,mlp_proj:2",
-        "wd_style": "decoupled", "orthogonalizer": "newton_schulz_per_iteration", "muon_smoothing": 0.2,
-        "muon_shape_factor": "matrix",
-        "snoo": True, "snoo_every": 28, "snoo_lr": 0.68, "snoo_momentum": 0.37,
-        # end medium optimisers
-        # medium schedules
-        "target_val_loss": 2.92, "max_seq_len": 65_536, "batch_slices": 8,
-        "num_iterations": 5590, "extension_iterations": 0,
-        "batch_tokens_stages": (524_288,), "batch_tokens_extension": 524_288,
-        "window_schedule": "cubic", "window_cubic_max_tokens": 3456, "long_window_blocks_final_val": 27,
-        "lr_stage_multipliers": (1.0,), "cooldown_frac": 0.7, "lr_min_frac": 0.01,
-        "momentum_warmup_steps": 300, "momentum_cooldown_steps": 0, "adam_every": 1, "scalar_pause_steps": 0,
-        "val_every": 125, "data_stream": "contiguous",
-        # end medium schedules
+        "run": dict(target_val_loss=2.92),
+        "data": dict(max_seq_len=65_536, data_stream="contiguous"),
+        "model": dict(
+            num_layers=16, model_dim=1024, num_heads=8, head_dim=128,
+            window_pattern="LSSSLSSNSSSLSSSL", value_embed_pattern="01234......01234", window_granularity="block",
+            tie_embedding=False, input_embeds=2, smear_gate=False, attn_gate=False, key_shift=False,
+            attn_scale=0.12, yarn=False, resid_lambda_init=1.0, sa_lambda_init=(0.5, 0.5),
+            value_path="normed", value_embed_init_std=1.0, mlp_proj_layout="out_in", fp32_head=True,
+            skip_connections=((9, 6), (10, 4), (11, 2)), skip_gate="linear", skip_init=1.0, backout_layer=-1,
+            softcap="rational", head_init_std=0.0, fp8_head=False),
+        "optim": dict(
+            optimizer="muon", labels=MEDIUM_TRACK_LABELS, adam_lr=1 / 320, adam_eps=1e-10, adam_wd=0.0,
+            adam_every=1, muon_lr=0.03, muon_wd=0.01, wd_style="decoupled", muon_shape_factor="matrix",
+            orthogonalizer="newton_schulz_per_iteration", muon_smoothing=0.2,
+            snoo=True, snoo_every=28, snoo_lr=0.68, snoo_momentum=0.37),
+        "schedule": dict(
+            num_iterations=5590, extension_iterations=0,
+            batch_tokens_stages=(524_288,), batch_tokens_extension=524_288,
+            window_schedule="cubic", window_cubic_max_tokens=3456, long_window_blocks_final_val=27,
+            lr_stage_multipliers=(1.0,), cooldown_frac=0.7, lr_min_frac=0.01,
+            momentum_warmup_steps=300, momentum_cooldown_steps=0, scalar_pause_steps=0),
+        "loop": dict(val_every=125),
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
-        # cpu model
-        "num_layers": 6, "model_dim": 128, "num_heads": 2, "head_dim": 64,
-        "window_pattern": "SLSNSL", "value_embed_pattern": "01..01", "skip_connections": "4<1", "backout_layer": 3,
-        # end cpu model
-        # cpu optimisers
-        "adamw_lr": 0.005,  # best of 0.002, 0.005, 0.01 for the adamw baseline on this preset
-        # end cpu optimisers
-        # cpu schedules
-        "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
+        "run": dict(target_val_loss=5.9),
         # The 50,304-wide logits dominate a CPU step, so batches are small.
-        "repeat_data": True, "long_documents": "continue", "target_val_loss": 5.9, "max_seq_len": 256, "batch_slices": 2,
-        "num_iterations": 150, "extension_iterations": 10, "window_block": 64,
-        "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
-        "long_window_blocks_stages": (2, 3, 4), "long_window_blocks_extension": 4, "long_window_blocks_final_val": 6,
-        "momentum_warmup_steps": 30, "momentum_cooldown_steps": 10, "scalar_pause_steps": 10,
-        "val_tokens": 16_384, "val_batch_tokens": 4096, "val_every": 25, "warmup_steps": 0,
-        # end cpu schedules
+        "data": dict(train_files="data/sample/tinyshakespeare_train_*.bin",
+                     val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
+                     max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096),
+        "model": dict(num_layers=6, model_dim=128, num_heads=2, head_dim=64, window_block=64,
+                      window_pattern="SLSNSL", value_embed_pattern="01..01", skip_connections=((4, 1),),
+                      backout_layer=3),
+        "optim": dict(adamw_lr=0.005),  # best of 0.002, 0.005, 0.01 for the adamw baseline on this preset
+        "schedule": dict(num_iterations=150, extension_iterations=10,
+                         batch_tokens_stages=(512, 1024, 1024), batch_tokens_extension=1024,
+                         long_window_blocks_stages=(2, 3, 4), long_window_blocks_extension=4,
+                         long_window_blocks_final_val=6,
+                         momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=10),
+        "loop": dict(val_every=25, warmup_steps=0),
     },
     "test": {  # the smallest model of the same architecture, for the test suite
-        # test model
-        "num_layers": 4, "model_dim": 32, "num_heads": 2, "head_dim": 16,
-        "window_pattern": "SLNL", "value_embed_pattern": "01.1", "skip_connections": "3<1", "backout_layer": 2,
-        # end test model
-        # test optimisers
-        # end test optimisers
-        # test schedules
-        "train_files": "data/sample/tinyshakespeare_train_*.bin", "val_files": "data/sample/tinyshakespeare_val_*.bin",
-        "repeat_data": True, "long_documents": "continue", "max_seq_len": 128, "batch_slices": 2,
-        "num_iterations": 12, "extension_iterations": 2,
-        "batch_tokens_stages": (512, 1024, 1024), "batch_tokens_extension": 1024,
-        "long_window_blocks_stages": (1, 1, 2), "long_window_blocks_extension": 2, "long_window_blocks_final_val": 3,
-        "momentum_warmup_steps": 4, "momentum_cooldown_steps": 2, "scalar_pause_steps": 2,
-        "val_tokens": 2048, "val_batch_tokens": 1024, "val_every": 5, "warmup_steps": 0, "train_loss_every": 1,
-        # end test schedules
+        "data": dict(train_files="data/sample/tinyshakespeare_train_*.bin",
+                     val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
+                     max_seq_len=128, batch_slices=2, val_tokens=2048, val_batch_tokens=1024),
+        "model": dict(num_layers=4, model_dim=32, num_heads=2, head_dim=16,
+                      window_pattern="SLNL", value_embed_pattern="01.1", skip_connections=((3, 1),), backout_layer=2),
+        "schedule": dict(num_iterations=12, extension_iterations=2,
+                         batch_tokens_stages=(512, 1024, 1024), batch_tokens_extension=1024,
+                         long_window_blocks_stages=(1, 1, 2), long_window_blocks_extension=2,
+                         long_window_blocks_final_val=3,
+                         momentum_warmup_steps=4, momentum_cooldown_steps=2, scalar_pause_steps=2),
+        "loop": dict(val_every=5, warmup_steps=0, train_loss_every=1),
     },
 }
 
 
-def config_from_args(argv: list[str] | None = None) -> Config:
-    """Parse `--preset NAME` plus `--field value` overrides into a Config."""
-    names = [f.name for f in fields(Config)]
-    parser = argparse.ArgumentParser(
-        description="GPT speedrun trainer. Any Config field can be overridden with --field value "
-        "(dashes or underscores). Presets: " + ", ".join(PRESETS),
-        allow_abbrev=False,
-    )
-    defaults = Config()
-    for f in fields(Config):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, "--" + f.name, dest=f.name, default=None, metavar=type(default).__name__.upper(),
-                            help=f"default {default!r}" + (f"; {FIELD_HELP[f.name]}" if f.name in FIELD_HELP else ""))
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        bad = unknown[0]
-        raise ConfigError(f"unknown option {bad!r}; valid options are --preset and --<field> for fields: "
-                          + ", ".join(names))
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    preset = overrides.get("preset", defaults.preset)
+def preset_config(preset: str) -> Config:
+    """A preset's settings, not yet checked."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(defaults, **PRESETS[preset])
-    cfg.preset = preset
-    for name, text in overrides.items():
-        setattr(cfg, name, parse_field_value(name, text, getattr(defaults, name)))
-    if "train_files" in overrides and "preset" not in overrides and "long_documents" not in overrides:
-        # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
-        cfg.long_documents = "continue"
+    cfg = Config(**{name: cls(**PRESETS[preset].get(name, {})) for name, cls in CONFIG_GROUPS.items()})
+    cfg.run.preset = preset
     return cfg
 
 
-def parse_field_value(name: str, text: str, default):
-    """Convert a command-line string to the type of the field's default."""
+def with_overrides(cfg: Config, **overrides) -> Config:
+    """A copy of cfg with flat-named fields replaced (typed values; not checked)."""
+    groups = {name: getattr(cfg, name) for name in CONFIG_GROUPS}
+    for name in overrides:
+        if name not in CONFIG_FIELDS:
+            raise ConfigError(f"unknown config field {name!r}")
+    for group in CONFIG_GROUPS:
+        mine = {k: v for k, v in overrides.items() if CONFIG_FIELDS[k][0] == group}
+        if mine:
+            groups[group] = dataclasses.replace(groups[group], **mine)
+    return Config(**groups)
+
+
+def build_config(preset: str = "short", **overrides) -> Config:
+    """The preset with `overrides` (flat field names, typed values) applied, checked once."""
+    cfg = with_overrides(preset_config(preset), **overrides)
+    check_config(cfg)
+    return cfg
+
+
+def config_from_args(argv: list[str] | None = None) -> Config:
+    """Parse `--preset NAME` plus `--field value` overrides into a checked Config."""
+    parser = argparse.ArgumentParser(
+        description="GPT speedrun trainer. Any config field can be overridden with --field value "
+        "(dashes or underscores). Presets: " + ", ".join(PRESETS),
+        allow_abbrev=False,
+    )
+    parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}; default 'short'")
+    defaults = Config()
+    for group, cls in CONFIG_GROUPS.items():
+        section = parser.add_argument_group(f"{group} ({cls.__name__})")
+        for f in fields(cls):
+            if f.name == "preset":
+                continue
+            default = getattr(getattr(defaults, group), f.name)
+            shown = (f.metadata.get("show") or repr)(default)
+            extra = f.metadata.get("help", "")
+            section.add_argument("--" + f.name.replace("_", "-"), "--" + f.name, dest=f.name, default=None,
+                                 metavar=type(default).__name__.upper(),
+                                 help=f"default {shown}" + (f"; {extra}" if extra else ""))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; valid options are --preset and --<field> for fields: "
+                          + ", ".join(name for name in CONFIG_FIELDS if name != "preset"))
+    texts = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
+    base = preset_config(args.preset or "short")
+    overrides = {name: parse_flag(name, text, getattr(getattr(base, CONFIG_FIELDS[name][0]), name))
+                 for name, text in texts.items()}
+    if "train_files" in texts and args.preset is None and "long_documents" not in texts:
+        # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
+        overrides["long_documents"] = "continue"
+    cfg = with_overrides(base, **overrides)
+    check_config(cfg)
+    return cfg
+
+
+def parse_flag(name: str, text: str, current):
+    """Command-line text -> the field's value (its own parser, else by the type of its value)."""
+    parse = CONFIG_FIELDS[name][1].metadata.get("parse")
+    if parse is not None:
+        return parse(text, current)
     try:
-        if isinstance(default, bool):
+        if isinstance(current, bool):
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if isinstance(default, tuple):
-            return tuple(type(default[0])(x) if default else float(x) for x in text.split(",") if x)
-        if isinstance(default, int):
+        if isinstance(current, tuple):
+            return tuple(type(current[0])(x) if current else float(x) for x in text.split(",") if x)
+        if isinstance(current, int):
             return int(text)
-        if isinstance(default, float):
+        if isinstance(current, float):
             return float(text)
         return text
     except ValueError:
-        raise ConfigError(f"--{name} expects {type(default).__name__}, got {text!r}") from None
+        raise ConfigError(f"--{name.replace('_', '-')} expects {type(current).__name__}, got {text!r}") from None
+
+
+def flat_config(cfg: Config) -> dict:
+    """Every field by its flat name, as plain JSON values (the log's `config:` line)."""
+    return {name: value for group in CONFIG_GROUPS for name, value in dataclasses.asdict(getattr(cfg, group)).items()}
+
+
+def check_config(cfg: Config) -> None:
+    """Every check that does not depend on the world size, once, as a one-line ConfigError."""
+    def fail(name: str, message: str):
+        value = getattr(getattr(cfg, CONFIG_FIELDS[name][0]), name)
+        shown = (CONFIG_FIELDS[name][1].metadata.get("show") or repr)(value)
+        raise ConfigError(f"--{name.replace('_', '-')} {shown}: {message}")
+
+    for name, (group, f) in CONFIG_FIELDS.items():
+        value = getattr(getattr(cfg, group), name)
+        choices = f.metadata.get("choices") or ()
+        choices = choices() if callable(choices) else choices
+        if choices and value not in choices:
+            fail(name, "choose one of " + ", ".join(choices))
+        check = f.metadata.get("check")
+        if check is not None and not check[0](value):
+            fail(name, check[1])
+    data, model, optim, sched = cfg.data, cfg.model, cfg.optim, cfg.schedule
+
+    for tokens in (*sched.batch_tokens_stages, sched.batch_tokens_extension):
+        if tokens <= 0 or tokens % data.batch_slices:
+            raise ConfigError(f"batch of {tokens} tokens is not divisible into --batch-slices {data.batch_slices}")
+    if data.val_tokens % data.val_batch_tokens or data.val_batch_tokens % data.batch_slices:
+        raise ConfigError(f"--val-tokens {data.val_tokens} must be a multiple of --val-batch-tokens "
+                          f"{data.val_batch_tokens}, itself a multiple of --batch-slices {data.batch_slices} "
+                          "(one validation chunk per forward)")
+    for name, count in (("batch_tokens_stages", 0), ("long_window_blocks_stages", 0), ("lr_stage_multipliers", 0),
+                        ("sa_lambda_init", 2), ("fp8_scales", 3), ("adamw_betas", 2)):
+        value = getattr(getattr(cfg, CONFIG_FIELDS[name][0]), name)
+        if (count and len(value) != count) or not value:
+            fail(name, f"expects {count or 'at least one'} comma-separated value(s)")
+    if not all(0.0 <= b < 1.0 for b in optim.adamw_betas):
+        fail("adamw_betas", "expects two betas in [0, 1)")
+
+    layers = model.num_layers
+    for name in ("window_pattern", "value_embed_pattern"):
+        if len(getattr(model, name)) != layers:
+            fail(name, f"needs one character per layer ({layers} layers)")
+    tables = sorted({int(c) for c in model.value_embed_pattern if c != "."})
+    if tables != list(range(len(tables))):
+        fail("value_embed_pattern", "tables must be numbered 0..n-1")
+    if any(to >= layers for to, _ in model.skip_connections):
+        fail("skip_connections", f"only {layers} layers")
+    if model.backout_layer >= layers:
+        fail("backout_layer", f"only {layers} layers")
+    if model.gate_dims > model.model_dim:
+        fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
+    on_cpu = resolve_device_type(cfg.run.device) == "cpu"
+    if model.attention_backend == "varlen" and on_cpu:
+        fail("attention_backend", "varlen needs a CUDA device; use sdpa or flex on CPU")
+    if model.attention_backend == "varlen" and model.window_granularity == "block":
+        fail("attention_backend", "varlen has token windows only; use flex with --window-granularity block")
+    if model.attention_backend == "flex" and on_cpu:
+        fail("attention_backend", FLEX_ON_CPU)
+
+    if set(optim.labels) != set(PARAMETER_LABELS):
+        raise ConfigError(f"--labels: the table must hold exactly the labels {', '.join(PARAMETER_LABELS)}")
+    for label, rule in optim.labels.items():
+        if rule.optimizer not in LABEL_OPTIMIZERS:
+            raise ConfigError(f"--labels {label}.optimizer={rule.optimizer}: choose one of "
+                              + ", ".join(LABEL_OPTIMIZERS))
+        if not (math.isfinite(rule.lr) and math.isfinite(rule.wd) and rule.lr >= 0 and rule.wd >= 0):
+            raise ConfigError(f"--labels {label}: the lr and wd multipliers must be finite and >= 0")
+        if rule.optimizer != "muon" and not (rule.betas is not None and len(rule.betas) == 2
+                                             and all(0.0 <= b < 1.0 for b in rule.betas)):
+            raise ConfigError(f"--labels {label}.betas: an Adam label needs two betas in [0, 1), as b1/b2")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    if cfg.data.batch_slices % world_size:
+        raise ConfigError(f"--batch-slices {cfg.data.batch_slices} is not divisible by the world size {world_size} "
+                          "(each rank takes batch_slices/world_size accumulation micro-steps)")
 
 
 # =============================================================================
 # 2. Data
 # =============================================================================
 # Shard file: 256 little-endian int32 header words [magic, version, num_tokens,
-# 0...] followed by num_tokens uint16 tokens.
+# 0...] followed by num_tokens uint16 tokens. The loaders take checked settings
+# (check_config): batch_slices divides by the world size and every batch by batch_slices.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -505,10 +738,6 @@ def following_shard(shard_index: int, num_files: int, repeat: bool) -> int:
     return 0
 
 
-DATA_STREAMS = ("bos_aligned", "contiguous")
-LONG_DOCUMENT_MODES = ("truncate", "continue")
-
-
 class DocumentStream:
     """Walks the train shards document by document, in order, across shard ends.
 
@@ -522,8 +751,6 @@ class DocumentStream:
 
     def __init__(self, files: list[str], bos_id: int, repeat: bool = False, long_documents: str = "truncate",
                  index_ahead: bool = False):
-        if long_documents not in LONG_DOCUMENT_MODES:
-            raise DataError(f"--long-documents {long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
         self.files, self.bos_id, self.repeat = files, bos_id, repeat
         self.continue_documents = long_documents == "continue"
         self.index = ShardIndex(files, bos_id, ahead=index_ahead, wrap=repeat)
@@ -618,15 +845,11 @@ class TrainLoader:
     def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int,
                  bos_id: int, repeat: bool = False, long_documents: str = "truncate", index_ahead: bool = False,
                  device="cpu"):
-        if slices % world_size:
-            raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
         self.stream = DocumentStream(list_shards(pattern, "train"), bos_id, repeat, long_documents, index_ahead)
         self.rank, self.world_size, self.slices = rank, world_size, slices
         self.max_seq_len, self.long_documents, self.device = max_seq_len, long_documents, device
 
     def next_step(self, batch_tokens: int) -> list[MicroBatch]:
-        if batch_tokens % self.slices:
-            raise DataError(f"batch of {batch_tokens} tokens is not divisible into {self.slices} slices")
         slice_tokens = batch_tokens // self.slices
         micro = []
         for i in range(self.slices):
@@ -672,8 +895,6 @@ class ContiguousLoader:
 
     def __init__(self, pattern: str, rank: int, world_size: int, *, slices: int, max_seq_len: int, bos_id: int,
                  repeat: bool = False, index_ahead: bool = False, device="cpu"):
-        if slices % world_size:
-            raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
         self.files = list_shards(pattern, "train")
         self.index = ShardIndex(self.files, bos_id, ahead=index_ahead, wrap=repeat)
         self.rank, self.world_size, self.slices = rank, world_size, slices
@@ -699,8 +920,6 @@ class ContiguousLoader:
         return start
 
     def next_step(self, batch_tokens: int) -> list[MicroBatch]:
-        if batch_tokens % self.slices:
-            raise DataError(f"batch of {batch_tokens} tokens is not divisible into {self.slices} slices")
         slice_tokens = batch_tokens // self.slices
         window = self._next_window(batch_tokens)
         micro = []
@@ -729,8 +948,6 @@ class SyntheticLoader:
 
     def __init__(self, rank: int, world_size: int, *, slices: int, max_seq_len: int, bos_id: int,
                  vocab_size: int, seed: int = 0, device="cpu"):
-        if slices % world_size:
-            raise DataError(f"batch_slices={slices} is not divisible by world size {world_size}")
         self.rank, self.world_size, self.slices = rank, world_size, slices
         self.max_seq_len, self.bos_id, self.vocab_size = max_seq_len, bos_id, vocab_size
         self.device, self.seed, self.step = device, seed, 0
@@ -828,11 +1045,8 @@ def validation_batches(pattern: str, rank: int, world_size: int, *, val_tokens: 
     The tokens are cut into consecutive chunks of chunk_tokens (+1 target), one per forward;
     rank r takes chunks r, r+W, r+2W, ..., so the chunks, and the loss, do not depend on the
     world size. Chunks are not BOS-aligned; cu_seqlens still splits at every BOS so attention
-    stays inside documents.
+    stays inside documents. val_tokens is a multiple of chunk_tokens (check_config).
     """
-    if chunk_tokens <= 0 or val_tokens % chunk_tokens:
-        raise DataError(f"val_tokens={val_tokens} must be a multiple of the validation chunk of {chunk_tokens} "
-                        "tokens (val_batch_tokens / batch_slices)")
     tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(pattern, "val")])
     if len(tokens) < val_tokens + 1:
         raise DataError(f"validation files {pattern!r} hold {len(tokens)} tokens; need val_tokens+1 = {val_tokens + 1}")
@@ -859,17 +1073,6 @@ def labelled(tensor: torch.Tensor, label: str) -> nn.Parameter:
     param = nn.Parameter(tensor)
     param.label = label
     return param
-
-
-def parse_skips(spec: str) -> list[tuple[int, int]]:
-    """'6<3,9<6' -> [(6, 3), (9, 6)]: the output of layer 3 joins the input of layer 6."""
-    pairs = []
-    for item in filter(None, spec.split(",")):
-        to, _, frm = item.partition("<")
-        if not (to.strip().isdigit() and frm.strip().isdigit()) or int(frm) >= int(to):
-            raise ConfigError(f"--skip-connections {spec!r}: each item must be 'to<from' with from < to")
-        pairs.append((int(to), int(frm)))
-    return pairs
 
 
 # --- sequence bookkeeping ------------------------------------------------------
@@ -974,8 +1177,7 @@ def attention_flex(q, k, v, segments: Segments, window: int, scale: float, block
     serves evaluation and tests only; train with sdpa there."""
     from torch.nn.attention.flex_attention import flex_attention
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ConfigError("--attention-backend flex cannot train on CPU: torch's flex attention has no CPU "
-                          "backward (eager or compiled); use --attention-backend sdpa on CPU")
+        raise RuntimeError(f"--attention-backend {FLEX_ON_CPU}")
     block_mask = flex_block_mask(segments, window, block) if mask is None else mask
     attend = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():  # eager flex on CUDA would materialise T x T scores
@@ -997,17 +1199,16 @@ def attention_varlen(q, k, v, segments: Segments, window: int, scale: float, blo
 
 
 ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flex": attention_flex, "varlen": attention_varlen}
-ATTENTION_MASKS = {"sdpa": sdpa_mask, "flex": flex_block_mask, "varlen": lambda segments, window: None}
+ATTENTION_MASKS = {"sdpa": sdpa_mask, "flex": flex_block_mask, "varlen": lambda segments, window, block=0: None}
+FLEX_ON_CPU = ("flex cannot train on CPU: torch's flex attention has no CPU backward (eager or compiled); "
+               "use --attention-backend sdpa on CPU")
 
 
-def resolve_attention_backend(name: str, device: torch.device, granularity: str = "token") -> str:
-    if name == "auto":
-        return ("varlen" if granularity == "token" else "flex") if device.type == "cuda" else "sdpa"
-    if name == "varlen" and device.type != "cuda":
-        raise ConfigError("--attention-backend varlen needs a CUDA device; use sdpa or flex on CPU")
-    if name == "varlen" and granularity == "block":
-        raise ConfigError("--attention-backend varlen has token windows only; use flex with --window-granularity block")
-    return name
+def resolve_attention_backend(name: str, device, granularity: str = "token") -> str:
+    """The backend "auto" stands for on this device (check_config refused the impossible choices)."""
+    if name != "auto":
+        return name
+    return ("varlen" if granularity == "token" else "flex") if torch.device(device).type == "cuda" else "sdpa"
 
 
 # --- FP8 lm_head ----------------------------------------------------------------
@@ -1123,14 +1324,13 @@ class Rotary(nn.Module):
     def position_free_dims(self) -> torch.Tensor:
         return torch.cat([self.freq == 0, self.freq == 0])
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:  # x: (T, heads, head_dim)
+    def forward(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of every token's angles, shaped (T, 1, head_dim/2) to broadcast over heads."""
         # Positions count from each sequence's start and the angles are formed in float64, so
         # a token's rotation does not depend on where its sequence sits in the packed batch
         # (fp32 absolute positions lose ~0.01 rad at 262k tokens).
         angle = (position.double()[:, None] * self.freq.double()).float()
-        cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+        return angle.cos()[:, None, :], angle.sin()[:, None, :]
 
     @torch.no_grad()
     def yarn_rescale(self, old_window: int, new_window: int, alpha: float, beta: float) -> None:
@@ -1140,8 +1340,28 @@ class Rotary(nn.Module):
         self.freq.mul_(ratio + keep * (1 - ratio))
 
 
+def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply rotary angles (Rotary.forward) to x: (T, heads, head_dim)."""
+    cos, sin = angles
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one forward shares, computed once per forward."""
+    segments: Segments
+    angles: tuple  # rotary (cos, sin)
+    position_free: torch.Tensor  # (head_dim,) bool: the dims rotary leaves alone
+    attn_scale: torch.Tensor
+    backend: str  # a key of ATTENTION_BACKENDS
+    windows: dict  # window kind ("S", "L") -> window in tokens
+    masks: dict  # window in tokens -> the backend's mask, shared by every layer using that window
+    value_embeds: list  # each value-embedding table looked up once: a table serves several layers
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
@@ -1161,30 +1381,30 @@ class Attention(nn.Module):
             gate_dtype = torch.float32 if cfg.fp32_gates else getattr(torch, cfg.compute_dtype)
             self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "attn_gate")
             self.output_gate.normalise_columns = (False,)  # per head (row), although the matrix is wide
+        self.window_kind, self.shift_keys = window_kind, shift_keys
         self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
         self.mask_document_starts = cfg.mask_document_starts
         self.normed_values = cfg.value_path == "normed"
 
-    def forward(self, x, value_embed, segments: Segments, window: int, qkv_scale, out_scale, rotary: Rotary,
-                attn_scale, shift_keys: bool, backend: str, mask=None) -> torch.Tensor:
-        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve.
-        mask: this window's attention mask, built once per forward (ATTENTION_MASKS)."""
+    def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
+        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve."""
         T = x.size(0)
         w = self.qkvo.type_as(x)
         qkv = F.linear(x, w[:3].flatten(0, 1))
         q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
-        q, k = rotary(rms_norm(q), segments.position) * attn_scale, rotary(rms_norm(k), segments.position)
-        if shift_keys:  # a head can match on the previous token's content through these dims
-            shifted = shift_to_next_position(k, segments, self.mask_document_starts, first=k[:1])
-            k = torch.where(rotary.position_free_dims(), shifted, k)
+        q, k = rotate(rms_norm(q), ctx.angles) * ctx.attn_scale, rotate(rms_norm(k), ctx.angles)
+        if self.shift_keys:  # a head can match on the previous token's content through these dims
+            shifted = shift_to_next_position(k, ctx.segments, self.mask_document_starts, first=k[:1])
+            k = torch.where(ctx.position_free, shifted, k)
         if self.normed_values:
             v = qkv_scale * rms_norm(v)
             if value_embed is not None:
                 v = v + out_scale * value_embed.view_as(v)
         elif value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = ATTENTION_BACKENDS[backend](q, k, v, segments, window, 1.0, self.window_block, mask)
+        window = ctx.windows[self.window_kind]
+        y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
         y = y.reshape(T, -1) @ w[3]
@@ -1192,7 +1412,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden, dim = cfg.mlp_ratio * cfg.model_dim, cfg.model_dim
         bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
@@ -1207,10 +1427,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, has_attention: bool):
+    """Layer `layer`: attention with its window kind and value embedding (unless the pattern says N), then the MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn = Attention(cfg) if has_attention else None
+        kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
+        self.attn = Attention(cfg, kind, cfg.key_shift and kind == "L") if kind != "N" else None
+        self.value_embed_index = None if table == "." else int(table)
         self.mlp = MLP(cfg)
+
+    def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
+        if self.attn is not None:
+            value_embed = None if self.value_embed_index is None else ctx.value_embeds[self.value_embed_index]
+            x = x + self.attn(rms_norm(x), value_embed, ctx, qkv_scale, out_scale)
+        return x + self.mlp(rms_norm(x))
 
 
 def softcap(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -1222,22 +1452,22 @@ def softcap(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    """Both tracks' models; every feature is a Config field (section 1).
+    """Both tracks' models; every feature is a ModelConfig field (section 1).
 
     Short track: tied head/embedding, smear gate, 3 value embeddings, gated attention
     output, key shift on long-window layers, a layer without attention, one gated
     skip, backout, sigmoid softcap. Medium track: two input embeddings mixed per
     block, 5 value embeddings, three plain skips, rational softcap.
+    Built on the CPU (so the initial weights do not depend on the device), then moved to `device`;
+    the attention backend is chosen then, for that device.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        check_model_config(cfg)
         self.cfg = cfg
         L, dim = cfg.num_layers, cfg.model_dim
         vocab = padded_vocab_size(cfg)
         dtype = getattr(torch, cfg.compute_dtype)
-        self.skips = parse_skips(cfg.skip_connections)
         head = torch.empty(vocab, dim)
         nn.init.normal_(head, std=cfg.head_init_std) if cfg.head_init_std > 0 else nn.init.zeros_(head)
         self.lm_head = labelled(head if cfg.fp32_head else head.to(dtype), "lm_head")
@@ -1251,13 +1481,13 @@ class GPT(nn.Module):
         gate_dtype = torch.float32 if cfg.fp32_gates else dtype
         self.smear_gate = (labelled(torch.zeros(1, cfg.gate_dims, dtype=gate_dtype), "smear_gate")
                            if cfg.smear_gate else None)
-        self.blocks = nn.ModuleList(Block(cfg, c != "N") for c in cfg.window_pattern)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(L))
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
         # Every other learned scalar lives in one vector (one small optimiser group). "qkv" and "out"
         # are the sa lambdas: QKV and O scales, or on the normed value path the weights of v and ve.
-        layout = {"resid": L, "qkv": L, "out": L, "skip": len(self.skips),
+        layout = {"resid": L, "qkv": L, "out": L, "skip": len(cfg.skip_connections),
                   "smear": int(cfg.smear_gate), "backout": int(cfg.backout_layer >= 0)}
         self.scalar_slices, start = {}, 0
         for name, size in layout.items():
@@ -1270,12 +1500,16 @@ class GPT(nn.Module):
         scalars[self.scalar_slices["skip"]] = cfg.skip_init
         scalars[self.scalar_slices["backout"]] = cfg.backout_init
         self.scalars = labelled(scalars, "scalars")
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device or "cpu",
+                                                           cfg.window_granularity)
+        if device is not None:
+            self.to(device)
 
     def scalar(self, name: str) -> torch.Tensor:
         return self.scalars[self.scalar_slices[name]]
 
     def rescale_rotary(self, old_window: int, new_window: int) -> None:
-        """YaRN update when the long window grows (called by the schedule, section 9)."""
+        """YaRN update when the long window grows (a schedule event, section 6)."""
         if self.cfg.yarn and new_window > old_window:
             self.rotary.yarn_rescale(old_window, new_window, self.cfg.yarn_alpha, self.cfg.yarn_beta)
             self.attn_scale.mul_(1 + self.cfg.yarn_attn_gain * math.log(new_window / old_window))
@@ -1289,47 +1523,44 @@ class GPT(nn.Module):
             x = x + self.scalar("smear").type_as(x) * gate * previous
         return [rms_norm(x)] + [rms_norm(F.embedding(tokens, table)) for table in tables[1:]]
 
-    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
-                      short_window: int | None = None) -> torch.Tensor:
-        """Windows in tokens; short_window None: the one that goes with long_window (section 6)."""
+    def layer_inputs(self, tokens, segments: Segments, windows: tuple[int, int]) -> LayerInputs:
+        long_window, short_window = windows
+        by_kind = {"L": long_window, "S": short_window}
+        block = self.cfg.window_block if self.cfg.window_granularity == "block" else 0
+        make_mask = ATTENTION_MASKS[self.attention_backend]
+        masks = {by_kind[kind]: make_mask(segments, by_kind[kind], block)
+                 for kind in set(self.cfg.window_pattern) - {"N"}}
+        return LayerInputs(segments=segments, angles=self.rotary(segments.position),
+                           position_free=self.rotary.position_free_dims(), attn_scale=self.attn_scale,
+                           backend=self.attention_backend, windows=by_kind, masks=masks,
+                           value_embeds=[F.embedding(tokens, table) for table in self.value_embeds])
+
+    def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, windows: tuple[int, int]) -> torch.Tensor:
+        """windows: (long, short) attention windows in tokens."""
         cfg = self.cfg
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
-        backend = resolve_attention_backend(cfg.attention_backend, tokens.device, cfg.window_granularity)
         x0 = self.input_embeddings(tokens, segments)
-        # Looked up once: a table serves several layers (e.g. "12......012").
-        value_embeds = [F.embedding(tokens, table) for table in self.value_embeds]
+        ctx = self.layer_inputs(tokens, segments, windows)
         resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
         skip_weights = self.scalar("skip").type_as(x0[0])
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
-        windows = {"L": long_window, "S": short_window_for(long_window, cfg) if short_window is None else short_window}
-        # One mask per window, built once per forward and shared by every layer using that window.
-        block = cfg.window_block if cfg.window_granularity == "block" else 0
-        masks = {windows[kind]: ATTENTION_MASKS[backend](segments, windows[kind], block)
-                 for kind in set(cfg.window_pattern) - {"N"}}
         saved, x = {}, x0[0]
-        for i, (block, kind) in enumerate(zip(self.blocks, cfg.window_pattern)):
-            for j, (to, frm) in enumerate(self.skips):
+        for i, block in enumerate(self.blocks):
+            for j, (to, frm) in enumerate(cfg.skip_connections):
                 if to == i:
                     x = x + skip_weights[j] * saved[frm]
             x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
-            if block.attn is not None:
-                ve_index = cfg.value_embed_pattern[i]
-                value_embed = None if ve_index == "." else value_embeds[int(ve_index)]
-                x = x + block.attn(rms_norm(x), value_embed, segments, windows[kind], qkv_scale[i], out_scale[i],
-                                   self.rotary, self.attn_scale, cfg.key_shift and kind == "L", backend,
-                                   masks[windows[kind]])
-            x = x + block.mlp(rms_norm(x))
+            x = block(x, ctx, qkv_scale[i], out_scale[i])
             saved[i] = x
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)
 
-    def logits(self, tokens, cu_seqlens, max_seqlen: int, long_window: int,
-               short_window: int | None = None) -> torch.Tensor:
+    def logits(self, tokens, cu_seqlens, max_seqlen: int, windows: tuple[int, int]) -> torch.Tensor:
         """Soft-capped fp32 logits, (T, padded vocab); for evaluation and tests."""
-        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window, short_window))
+        return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, windows))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -1339,59 +1570,20 @@ class GPT(nn.Module):
             z = F.linear(x, self.lm_head.type_as(x))
         return softcap(z.float(), cfg.softcap)
 
-    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, long_window: int,
-                short_window: int | None = None, loss_piece: int = 0) -> torch.Tensor:
+    def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, windows: tuple[int, int],
+                loss_piece: int = 0) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the micro-batch's tokens. With loss_piece > 0 the
         head and loss run over pieces of that many tokens, so a long validation chunk never holds
         all its (T x vocab) logits at once."""
-        x = self.hidden_states(tokens, cu_seqlens, max_seqlen, long_window, short_window)
+        x = self.hidden_states(tokens, cu_seqlens, max_seqlen, windows)
         piece = loss_piece if 0 < loss_piece < x.size(0) else x.size(0)
         return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
                    for i in range(0, x.size(0), piece))
 
 
-def padded_vocab_size(cfg: Config) -> int:
+def padded_vocab_size(cfg: ModelConfig) -> int:
     return cfg.vocab_pad_multiple * math.ceil(cfg.vocab_size / cfg.vocab_pad_multiple)
 
-
-def check_model_config(cfg: Config) -> None:
-    L = cfg.num_layers
-    for name in ("window_pattern", "value_embed_pattern"):
-        if len(getattr(cfg, name)) != L:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} needs one character per layer "
-                              f"({L} layers)")
-    if set(cfg.window_pattern) - set("SLN"):
-        raise ConfigError(f"--window-pattern {cfg.window_pattern!r}: use S (short), L (long) or N (no attention)")
-    if set(cfg.value_embed_pattern) - set(".0123456789"):
-        raise ConfigError(f"--value-embed-pattern {cfg.value_embed_pattern!r}: use a table index or '.' per layer")
-    tables = sorted({int(c) for c in cfg.value_embed_pattern if c != "."})
-    if tables != list(range(len(tables))):
-        raise ConfigError(f"--value-embed-pattern {cfg.value_embed_pattern!r}: tables must be numbered 0..n-1")
-    for to, frm in parse_skips(cfg.skip_connections):
-        if to >= L:
-            raise ConfigError(f"--skip-connections {cfg.skip_connections!r}: layer {to} does not exist")
-    if cfg.backout_layer >= L:
-        raise ConfigError(f"--backout-layer {cfg.backout_layer}: only {L} layers")
-    if cfg.input_embeds < 1:
-        raise ConfigError("--input-embeds must be >= 1")
-    if cfg.gate_dims > cfg.model_dim:
-        raise ConfigError(f"--gate-dims {cfg.gate_dims} exceeds --model-dim {cfg.model_dim}")
-    if cfg.head_dim % 4:
-        raise ConfigError(f"--head-dim {cfg.head_dim} must be a multiple of 4 (rotary quarters)")
-    if cfg.softcap not in ("sigmoid", "rational", "none"):
-        raise ConfigError(f"--softcap {cfg.softcap!r}: choose sigmoid, rational or none")
-    if cfg.skip_gate not in ("sigmoid", "linear"):
-        raise ConfigError(f"--skip-gate {cfg.skip_gate!r}: choose sigmoid or linear")
-    if cfg.attention_backend not in ("auto", *ATTENTION_BACKENDS):
-        raise ConfigError(f"--attention-backend {cfg.attention_backend!r}: choose auto, {', '.join(ATTENTION_BACKENDS)}")
-    if cfg.compute_dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"--compute-dtype {cfg.compute_dtype!r}: choose bfloat16 or float32")
-    choices = {"window_granularity": ("token", "block"), "value_path": ("scaled", "normed"),
-               "mlp_proj_layout": ("transposed", "out_in")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(allowed)}")
-# --- end model section ---
 
 
 # =============================================================================
@@ -1628,18 +1820,17 @@ ORTHOGONALIZERS = {
     "newton_schulz": newton_schulz,
     "newton_schulz_per_iteration": newton_schulz_per_iteration,
 }
-# --- end orthogonalisation section ---
 
 
 # =============================================================================
 # 5. Optimisers
 # =============================================================================
-# (optimiser section)
-# Every parameter carries a string `label` (set by the model) that picks its
-# optimiser and its per-label lr/wd multipliers (cfg.lr_multipliers, cfg.wd_multipliers):
-#   Adam      lm_head, embed, value_embed, smear_gate, x0_lambdas
-#   scalar    scalars (its own Adam instance with its own betas; the one pause_scalars pauses)
-#   Muon      attn, attn_gate, mlp_fc, mlp_proj (orthogonalised over the last two dims)
+# Every parameter carries a string `label` (set by the model); the config's label table
+# (LabelRule, section 1) routes each label to an optimiser and gives its lr/wd multipliers
+# and Adam betas. A Muon parameter may also carry `normalise_columns`, one flag per matrix:
+# the NorMuon axis where the layout alone does not decide it.
+# Every optimiser is a GroupOptimizer (below): the training loop's OptimizerSet talks to
+# DistAdam and Muon only through that interface.
 # Gradients are AVERAGED over ranks, so with the loop's division by the micro-step count
 # every world size sees the same gradient. Collectives start from post-accumulate-grad
 # hooks during the last backward of a step (eager) or, for a compiled model whose hooks fire
@@ -1648,59 +1839,18 @@ ORTHOGONALIZERS = {
 # World size 1 has no process group and no communication. Sums are reduced with SUM and
 # divided by the world size (gloo has no AVG).
 
-ADAM_LABELS = ("lm_head", "embed", "value_embed", "smear_gate", "x0_lambdas")
-SCALAR_LABELS = ("scalars",)
-MUON_LABELS = ("attn", "attn_gate", "mlp_fc", "mlp_proj")
-OPTIMIZER_LABELS = ADAM_LABELS + SCALAR_LABELS + MUON_LABELS
 ADAM_SHARD_MIN_NUMEL = 1024  # smaller Adam params are all-reduced and updated whole on every rank
 
 
-def parse_label_multipliers(text: str, field_name: str) -> dict[str, float]:
-    """'label:x,label:y' -> {label: x, ...}; labels not named get 1.0 from the caller."""
-    flag = "--" + field_name.replace("_", "-")
-    result = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        label, sep, value = (s.strip() for s in item.partition(":"))
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
-        if not sep or not math.isfinite(number) or number < 0:
-            raise ConfigError(f"{flag} {text!r}: expected 'label:number,...' with numbers >= 0, got {item!r}")
-        if label not in OPTIMIZER_LABELS:
-            raise ConfigError(f"{flag} {text!r}: unknown label {label!r}; labels are {', '.join(OPTIMIZER_LABELS)}")
-        result[label] = number
-    return result
-
-
-def check_optimizer_config(cfg: Config) -> None:
-    """One-line ConfigError naming the field for any optimiser setting that cannot work."""
-    def require(ok: bool, field_name: str, message: str):
-        if not ok:
-            raise ConfigError(f"--{field_name.replace('_', '-')} {getattr(cfg, field_name)!r}: {message}")
-    choices = {"optimizer": ("normuon", "muon", "adamw"), "wd_style": ("cautious", "decoupled"),
-               "muon_shape_factor": ("parameter", "matrix"),
-               "adam_moment_init": ("zeros", "first_grad"), "adam_eps_schedule": ("constant", "linear", "geometric"),
-               "orthogonalizer": tuple(ORTHOGONALIZERS)}
-    for name, allowed in choices.items():
-        require(getattr(cfg, name) in allowed, name, "choose one of " + ", ".join(allowed))
-    for name in ("adam_betas", "scalar_betas", "adamw_betas"):
-        betas = getattr(cfg, name)
-        require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), name, "expects two betas in [0, 1)")
-    for name in ("adam_lr", "muon_lr", "adamw_lr", "adam_eps", "snoo_lr"):
-        require(getattr(cfg, name) > 0, name, "must be > 0")
-    for name in ("adam_wd", "muon_wd", "adamw_wd", "muon_smoothing_steps"):
-        require(getattr(cfg, name) >= 0, name, "must be >= 0")
-    for name in ("normuon_beta2", "muon_smoothing", "muon_smoothing_start", "snoo_momentum"):
-        require(0.0 <= getattr(cfg, name) < 1.0, name, "must be in [0, 1)")
-    require(cfg.adam_eps_schedule == "constant" or cfg.adam_eps_end > 0, "adam_eps_end", "must be > 0")
-    require(cfg.orthogonalizer_steps >= 1, "orthogonalizer_steps", "must be >= 1")
-    require(cfg.snoo_every >= 1, "snoo_every", "must be >= 1")
-    require(cfg.adam_every >= 1, "adam_every", "must be >= 1")
-    parse_label_multipliers(cfg.lr_multipliers, "lr_multipliers")
-    parse_label_multipliers(cfg.wd_multipliers, "wd_multipliers")
+@dataclass
+class ParamEntry:
+    """A parameter as an optimiser sees it."""
+    name: str
+    param: nn.Parameter
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+    betas: tuple | None = None  # Adam's (beta1, beta2)
+    normalise_columns: tuple | None = None  # NorMuon: per matrix, normalise columns (None: decide by shape)
 
 
 def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor):
@@ -1743,13 +1893,85 @@ def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, ca
     return param - shrink - eff_lr * direction
 
 
+# --- the optimiser interface ----------------------------------------------------
+
+
+class GroupOptimizer:
+    """What the training loop's OptimizerSet asks of an optimiser over a group of parameters.
+
+    The group is split into communication units (an Adam parameter, a Muon shape group), each
+    with launch() (start averaging its gradient over ranks), `launched`, and release() (drop its
+    gradients). The optimiser steps every `every`-th step, on the sum of those steps' gradients,
+    and can be paused: while paused it drops its gradients and leaves its state alone.
+    A subclass sets `units` and `unit_of` (id(param) -> unit) and implements update(),
+    unit_complete(), state_dict() and load_state_dict().
+    """
+
+    units: list
+    unit_of: dict
+
+    def __init__(self, every: int = 1):
+        self.every, self.pause_remaining, self.hooks_armed = every, 0, False
+
+    def params(self) -> list:
+        raise NotImplementedError
+
+    def steps_at(self, step: int) -> bool:
+        return self.pause_remaining == 0 and step % self.every == self.every - 1
+
+    def pause(self, steps: int) -> None:
+        self.pause_remaining = max(steps, 0)
+
+    def arm_hooks(self, armed: bool) -> None:
+        """Let the gradient hooks of the coming backward start communication (or not)."""
+        self.hooks_armed = armed
+
+    def on_grad_ready(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: launch a unit as soon as all of its gradients are ready."""
+        if self.hooks_armed:
+            unit = self.unit_of[id(param)]
+            if self.unit_complete(unit) and not unit.launched:
+                unit.launch()
+
+    def unit_complete(self, unit) -> bool:
+        """Called once per gradient that arrives for `unit`: is the unit now complete?"""
+        raise NotImplementedError
+
+    def launch_all(self) -> None:
+        """Start every reduction not started yet."""
+        for unit in self.units:
+            if not unit.launched:
+                unit.launch()
+
+    def step(self, step: int, lr_multiplier: float, momentum: float) -> list[PendingGather]:
+        """Update (or keep accumulating, or drop while paused); returns the all-gathers in flight."""
+        self.hooks_armed = False
+        if self.pause_remaining > 0:
+            self.pause_remaining -= 1
+            for unit in self.units:
+                unit.release()
+            return []
+        if not self.steps_at(step):
+            return []  # keep accumulating gradients
+        self.launch_all()  # anything the hooks did not start (one rank, or no hook fired)
+        return self.update(step, lr_multiplier, momentum)
+
+    def update(self, step: int, lr_multiplier: float, momentum: float) -> list[PendingGather]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
 # --- Adam ---------------------------------------------------------------------
 
 
 @dataclass
 class AdamSettings:
     lr: float
-    betas: tuple
     eps: float
     weight_decay: float
     wd_style: str = "cautious"
@@ -1773,11 +1995,11 @@ class AdamSettings:
         return self.eps
 
 
-def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int,
+def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int, betas: tuple,
                    s: AdamSettings, eps: float) -> torch.Tensor:
     """The Adam update direction for one tensor (fp32 math); t = 1 on the first update.
     Updates the moment buffers (stored in any dtype) in place."""
-    beta1, beta2 = s.betas
+    beta1, beta2 = betas
     first = t == 1 and s.moment_init == "first_grad"
     m, v = exp_avg.float(), exp_avg_sq.float()
     v = grad.square() if first else v.lerp_(grad.square(), 1 - beta2)
@@ -1792,13 +2014,14 @@ def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
 
 
 class AdamSlot:
-    """One Adam parameter: its shard geometry (rows of dim 0) and its moment buffers."""
+    """One Adam parameter (a communication unit): its shard geometry (rows of dim 0) and moments."""
 
-    def __init__(self, name: str, param: torch.Tensor, lr_mult: float, wd_mult: float, settings: AdamSettings,
-                 rank: int, world_size: int):
+    def __init__(self, entry: ParamEntry, settings: AdamSettings, rank: int, world_size: int):
+        param = entry.param
         if not param.is_contiguous():
-            raise ValueError(f"parameter {name!r} must be contiguous for DistAdam")
-        self.name, self.param, self.lr_mult, self.wd_mult = name, param, lr_mult, wd_mult
+            raise ValueError(f"parameter {entry.name!r} must be contiguous for DistAdam")
+        self.name, self.param, self.lr_mult, self.wd_mult, self.betas = (
+            entry.name, param, entry.lr_mult, entry.wd_mult, entry.betas)
         self.rows = param.size(0) if param.ndim > 0 else 1
         self.cols = param.numel() // max(self.rows, 1)
         self.world_size = world_size
@@ -1855,55 +2078,24 @@ class AdamSlot:
         self.grad_sent = self.grad_shard = None
 
 
-class DistAdam:
+class DistAdam(GroupOptimizer):
     """Adam over labelled params. Large params are reduce-scattered along dim 0 so each rank
-    updates only its rows, then all-gathered; small ones are all-reduced and updated whole.
-    Steps every `settings.every`-th step (gradients keep accumulating in between), and can be
-    paused: while paused, gradients are dropped and the moments left untouched."""
+    updates only its rows, then all-gathered; small ones are all-reduced and updated whole."""
 
-    def __init__(self, entries: list, settings: AdamSettings, rank: int, world_size: int):
+    def __init__(self, entries: list[ParamEntry], settings: AdamSettings, rank: int, world_size: int):
+        super().__init__(every=settings.every)
         self.settings, self.rank, self.world_size = settings, rank, world_size
-        self.slots = [AdamSlot(name, p, lr_mult, wd_mult, settings, rank, world_size)
-                      for name, p, lr_mult, wd_mult in entries]
-        self.slot_of = {id(slot.param): slot for slot in self.slots}
+        self.slots = [AdamSlot(entry, settings, rank, world_size) for entry in entries]
+        self.units, self.unit_of = self.slots, {id(slot.param): slot for slot in self.slots}
         self.updates = 0  # Adam's t: number of updates applied
-        self.pause_remaining = 0
-        self.armed = False
 
     def params(self) -> list:
         return [slot.param for slot in self.slots]
 
-    def steps_at(self, step: int) -> bool:
-        return self.pause_remaining == 0 and step % self.settings.every == self.settings.every - 1
+    def unit_complete(self, unit) -> bool:
+        return True  # one parameter per slot
 
-    def pause(self, steps: int) -> None:
-        self.pause_remaining = max(steps, 0)
-
-    def on_grad_ready(self, param: torch.Tensor) -> None:
-        if self.armed:
-            slot = self.slot_of[id(param)]
-            if not slot.launched:
-                slot.launch()
-
-    def launch_pending(self, step: int) -> None:
-        """Start every reduction the hooks have not started, if this group steps now."""
-        if self.pause_remaining == 0 and self.steps_at(step):
-            for slot in self.slots:
-                if not slot.launched:
-                    slot.launch()
-
-    def step(self, step: int, lr_multiplier: float, momentum: float) -> list:
-        self.armed = False
-        if self.pause_remaining > 0:
-            self.pause_remaining -= 1
-            for slot in self.slots:
-                slot.release()
-            return []
-        if not self.steps_at(step):
-            return []  # keep accumulating gradients
-        for slot in self.slots:  # anything the hooks did not start (one rank, or no hook fired)
-            if not slot.launched:
-                slot.launch()
+    def update(self, step: int, lr_multiplier: float, momentum: float) -> list[PendingGather]:
         self.updates += 1
         s = self.settings
         lr_t, eps = s.lr * lr_multiplier, s.eps_at(step)
@@ -1916,7 +2108,7 @@ class DistAdam:
         s = self.settings
         grad = slot.averaged_grad()
         rows = slice(0, slot.owned)
-        direction = adam_direction(grad, slot.exp_avg[rows], slot.exp_avg_sq[rows], self.updates, s, eps)
+        direction = adam_direction(grad, slot.exp_avg[rows], slot.exp_avg_sq[rows], self.updates, slot.betas, s, eps)
         eff_lr = lr_t * slot.lr_mult
         # The record's cautious Adam decay is wd*(lr*m)^2: the label multiplier m is squared too.
         lr_for_decay = lr_t if s.wd_style != "cautious" or s.wd_linear_lr_mult else eff_lr
@@ -1946,7 +2138,7 @@ class DistAdam:
             slot.exp_avg.copy_(m)
             slot.exp_avg_sq.copy_(v)
             slot.launched, slot.work = False, None
-        self.armed = False
+        self.hooks_armed = False
 
 
 # --- Muon / NorMuon -------------------------------------------------------------
@@ -2006,26 +2198,26 @@ def normuon_rescale(update: torch.Tensor, row_moment, col_moment, beta2: float, 
 
 
 class MuonShapeGroup:
-    """All matrices of one (rows, cols) shape, stacked and padded to a multiple of the world
-    size; this rank owns the contiguous chunk [start, start + chunk) of the stack."""
+    """All matrices of one (rows, cols) shape (a communication unit), stacked and padded to a
+    multiple of the world size; this rank owns the contiguous chunk [start, start + chunk)."""
 
-    def __init__(self, shape: tuple, entries: list, settings: MuonSettings, rank: int, world_size: int):
+    def __init__(self, shape: tuple, entries: list[ParamEntry], settings: MuonSettings, rank: int, world_size: int):
         self.rows, self.cols = shape
         self.world_size = world_size
         self.params, self.segments = [], []  # segments: (param, first, end) index range in the stack
         lr_scales, wd_mults, per_column = [], [], []
-        for _, p, lr_mult, wd_mult in entries:
+        for entry in entries:
+            p = entry.param
             first = sum(end - begin for _, begin, end in self.segments)
             count = p.numel() // (self.rows * self.cols)
             self.params.append(p)
             self.segments.append((p, first, first + count))
             # "parameter": leading dims count as rows, so the fused (4, 768, 768) QKVO is (3072 x 768).
             lr_rows = self.rows * count if settings.shape_factor == "parameter" else self.rows
-            lr_scales += [math.sqrt(max(1.0, lr_rows / self.cols)) * lr_mult] * count
-            wd_mults += [wd_mult] * count
-            # NorMuon axis: the param's `normalise_columns` (one flag per matrix) where the model
-            # sets it, else per row when rows >= cols and per column otherwise.
-            per_column += list(getattr(p, "normalise_columns", (self.rows < self.cols,) * count))
+            lr_scales += [math.sqrt(max(1.0, lr_rows / self.cols)) * entry.lr_mult] * count
+            wd_mults += [entry.wd_mult] * count
+            # NorMuon axis: the entry's per-matrix flags, else per row when rows >= cols, per column otherwise.
+            per_column += list(entry.normalise_columns or (self.rows < self.cols,) * count)
         self.count = len(lr_scales)
         self.chunk = -(-self.count // world_size)
         self.start = rank * self.chunk
@@ -2095,43 +2287,32 @@ class MuonShapeGroup:
         self.arrived, self.launched = 0, False
 
 
-class Muon:
+class Muon(GroupOptimizer):
     """Muon / NorMuon over labelled matrix params (any leading dims are a batch of matrices).
     Per step: Nesterov momentum, orthogonalise, optional NorMuon variance reduction, optional
     EMA update smoothing, then p <- p - decay*p - lr*sqrt(max(1, rows/cols))*label_mult*u, rows
     and cols those of the stored parameter or of each matrix (settings.shape_factor).
     Distributed by shape: reduce-scatter the stacked gradients, update the owned chunk as one
-    batch, all-gather the new weights."""
+    batch, all-gather the new weights. Steps every step."""
 
-    def __init__(self, entries: list, settings: MuonSettings, rank: int, world_size: int):
+    def __init__(self, entries: list[ParamEntry], settings: MuonSettings, rank: int, world_size: int):
+        super().__init__(every=1)
         self.settings, self.rank, self.world_size = settings, rank, world_size
         by_shape: dict[tuple, list] = {}
         for entry in entries:
-            p = entry[1]
+            p = entry.param
             if p.ndim < 2:
-                raise ValueError(f"parameter {entry[0]!r} (label {p.label!r}) is not a matrix: shape {tuple(p.shape)}")
+                raise ValueError(f"parameter {entry.name!r} (label {p.label!r}) is not a matrix: shape {tuple(p.shape)}")
             by_shape.setdefault(tuple(p.shape[-2:]), []).append(entry)
         self.groups = [MuonShapeGroup(shape, group, settings, rank, world_size) for shape, group in by_shape.items()]
-        self.group_of = {id(p): g for g in self.groups for p in g.params}
-        self.armed = False
+        self.units, self.unit_of = self.groups, {id(p): g for g in self.groups for p in g.params}
 
     def params(self) -> list:
         return [p for g in self.groups for p in g.params]
 
-    def steps_at(self, step: int) -> bool:
-        return True
-
-    def on_grad_ready(self, param: torch.Tensor) -> None:
-        if self.armed:
-            group = self.group_of[id(param)]
-            group.arrived += 1
-            if group.arrived == len(group.params) and not group.launched:
-                group.launch()
-
-    def launch_pending(self, step: int) -> None:
-        for group in self.groups:
-            if not group.launched:
-                group.launch()
+    def unit_complete(self, unit: MuonShapeGroup) -> bool:
+        unit.arrived += 1
+        return unit.arrived == len(unit.params)
 
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
@@ -2143,14 +2324,10 @@ class Muon:
             update = group.smoothed
         return update
 
-    def step(self, step: int, lr_multiplier: float, momentum: float) -> list:
-        self.armed = False
+    def update(self, step: int, lr_multiplier: float, momentum: float) -> list[PendingGather]:
         s = self.settings
         lr_t, smoothing = s.lr * lr_multiplier, s.smoothing_at(step)
         pending = []
-        for group in self.groups:
-            if not group.launched:
-                group.launch()
         for group in self.groups:
             direction = self.direction(group, group.averaged_grad(), momentum, smoothing)
             eff_lr = lr_t * group.lr_scale
@@ -2179,7 +2356,7 @@ class Muon:
                 if mine is not None:
                     mine.copy_(saved)
             group.arrived, group.launched, group.work = 0, False, None
-        self.armed = False
+        self.hooks_armed = False
 
 
 # --- Snoo ---------------------------------------------------------------------
@@ -2220,16 +2397,16 @@ class Snoo:
 # --- the optimiser set used by the training loop ----------------------------------
 
 
-def labelled_parameters(model: nn.Module) -> list:
+def labelled_parameters(model: nn.Module, labels) -> list:
     """(name, param, label) for every trainable parameter; a missing or unknown label is an error."""
     result = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         label = getattr(p, "label", None)
-        if label not in OPTIMIZER_LABELS:
+        if label not in labels:
             raise ValueError(f"parameter {name!r} has optimiser label {label!r}; every parameter needs a "
-                             f"`label` attribute, one of: {', '.join(OPTIMIZER_LABELS)}")
+                             f"`label` attribute, one of: {', '.join(labels)}")
         result.append((name, p, label))
     return result
 
@@ -2237,50 +2414,48 @@ def labelled_parameters(model: nn.Module) -> list:
 class OptimizerSet:
     """Every optimiser of a run behind the interface the training loop uses (section 9):
     prepare_backward / step / pause_scalars / state_dict / load_state_dict. It owns gradient
-    zeroing: a group's gradients are set to None once it has stepped (or dropped them)."""
+    zeroing: a group's gradients are set to None once it has stepped (or dropped them).
+    schedule_steps: the scheduled steps, over which Adam's epsilon schedule runs."""
 
-    def __init__(self, model: nn.Module, cfg: Config, rank: int, world_size: int, launch_from_hooks: bool = True):
-        check_optimizer_config(cfg)
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, rank: int, world_size: int, schedule_steps: int = 1,
+                 launch_from_hooks: bool = True):
         self.world_size = world_size
         # False for a compiled model: its hooks would fire only after the whole backward graph,
         # in autograd's order; step() then launches every reduction itself, in bucket order.
         self.launch_from_hooks = launch_from_hooks
-        named = labelled_parameters(model)
+        named = labelled_parameters(model, cfg.labels)
         self.params = [p for _, p, _ in named]
         adam_options = dict(eps=cfg.adam_eps, bias_correction=cfg.adam_bias_correction,
                             moment_init=cfg.adam_moment_init, nested_ema=cfg.adam_nested_ema,
                             eps_schedule=cfg.adam_eps_schedule, eps_end=cfg.adam_eps_end,
-                            schedule_steps=cfg.num_iterations, bf16_moments=cfg.adam_bf16_moments)
+                            schedule_steps=schedule_steps, bf16_moments=cfg.adam_bf16_moments)
         self.scalar_adam = None
         if cfg.optimizer == "adamw":
-            settings = AdamSettings(lr=cfg.adamw_lr, betas=cfg.adamw_betas, weight_decay=cfg.adamw_wd,
-                                    wd_style="decoupled", every=1, **adam_options)
-            self.members = [DistAdam([(n, p, 1.0, 1.0) for n, p, _ in named], settings, rank, world_size)]
+            settings = AdamSettings(lr=cfg.adamw_lr, weight_decay=cfg.adamw_wd, wd_style="decoupled", every=1,
+                                    **adam_options)
+            entries = [ParamEntry(n, p, betas=cfg.adamw_betas) for n, p, _ in named]
+            self.members: list[GroupOptimizer] = [DistAdam(entries, settings, rank, world_size)]
         else:
-            lr_mults = parse_label_multipliers(cfg.lr_multipliers, "lr_multipliers")
-            wd_mults = parse_label_multipliers(cfg.wd_multipliers, "wd_multipliers")
-            def entries(labels):
-                return [(n, p, lr_mults.get(label, 1.0), wd_mults.get(label, 1.0))
-                        for n, p, label in named if label in labels]
-            common = dict(weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
-                          wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
+            def entries(kind):
+                return [ParamEntry(n, p, cfg.labels[label].lr, cfg.labels[label].wd, cfg.labels[label].betas,
+                                   getattr(p, "normalise_columns", None))
+                        for n, p, label in named if cfg.labels[label].optimizer == kind]
+            adam = AdamSettings(lr=cfg.adam_lr, weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
+                                wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
+            muon = MuonSettings(lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
+                                orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
+                                shape_factor=cfg.muon_shape_factor, variance_reduction=cfg.optimizer == "normuon",
+                                beta2=cfg.normuon_beta2, smoothing=cfg.muon_smoothing,
+                                smoothing_start=cfg.muon_smoothing_start, smoothing_steps=cfg.muon_smoothing_steps)
             # Adam first: the head's gradient is the first to be ready in backward.
             self.members = []
-            if entries(ADAM_LABELS):
-                self.members.append(DistAdam(entries(ADAM_LABELS), AdamSettings(
-                    lr=cfg.adam_lr, betas=cfg.adam_betas, **common), rank, world_size))
-            if entries(SCALAR_LABELS):
-                self.scalar_adam = DistAdam(entries(SCALAR_LABELS), AdamSettings(
-                    lr=cfg.adam_lr, betas=cfg.scalar_betas, **common), rank, world_size)
+            if entries("adam"):
+                self.members.append(DistAdam(entries("adam"), adam, rank, world_size))
+            if entries("scalar_adam"):
+                self.scalar_adam = DistAdam(entries("scalar_adam"), adam, rank, world_size)
                 self.members.append(self.scalar_adam)
-            if entries(MUON_LABELS):
-                self.members.append(Muon(entries(MUON_LABELS), MuonSettings(
-                    lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
-                    orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
-                    shape_factor=cfg.muon_shape_factor,
-                    variance_reduction=cfg.optimizer == "normuon", beta2=cfg.normuon_beta2,
-                    smoothing=cfg.muon_smoothing, smoothing_start=cfg.muon_smoothing_start,
-                    smoothing_steps=cfg.muon_smoothing_steps), rank, world_size))
+            if entries("muon"):
+                self.members.append(Muon(entries("muon"), muon, rank, world_size))
         self.snoo = Snoo(self.params, cfg.snoo_lr, cfg.snoo_momentum, cfg.snoo_every) if cfg.snoo else None
         if world_size > 1:  # start each group's communication as soon as its last gradient is ready
             for member in self.members:
@@ -2290,8 +2465,8 @@ class OptimizerSet:
     def prepare_backward(self, step: int, last_micro_step: bool) -> None:
         """Arm the gradient hooks of the groups that step at `step` for the coming backward."""
         for member in self.members:
-            member.armed = (self.launch_from_hooks and self.world_size > 1 and last_micro_step
-                            and member.steps_at(step))
+            member.arm_hooks(self.launch_from_hooks and self.world_size > 1 and last_micro_step
+                             and member.steps_at(step))
 
     @torch.no_grad()
     def step(self, step: int, lr_multiplier: float, momentum: float) -> None:
@@ -2301,7 +2476,8 @@ class OptimizerSet:
         # launched here at once, in bucket order (Adam first, then the Muon shape groups), before
         # any update: each group's update then overlaps the communication of the groups after it.
         for member in self.members:
-            member.launch_pending(step)
+            if member.steps_at(step):
+                member.launch_all()
         pending = []
         for member in self.members:
             pending += member.step(step, lr_multiplier, momentum)
@@ -2331,7 +2507,6 @@ class OptimizerSet:
             self.snoo.load_state_dict(state["snoo"])
         for p, grad in zip(self.params, state["grads"], strict=True):
             p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype, copy=True)
-# --- end optimiser section ---
 
 
 # =============================================================================
@@ -2339,75 +2514,115 @@ class OptimizerSet:
 # =============================================================================
 # x = step / num_iterations. Batch size and window change in equal parts ("stages")
 # of the scheduled steps; the extension steps after num_iterations run at the final
-# batch size with a longer window and the minimum lr.
+# batch size with a longer window and the minimum lr. `Schedule.at(step)` says
+# everything a step needs: batch, windows, lr, momentum, and the transition events the
+# loop applies before it (YaRN when the long window grows, the scalar pause at a stage change).
 
 
-def total_steps(cfg: Config) -> int:
-    return cfg.num_iterations + cfg.extension_iterations
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    batch_tokens: int
+    windows: tuple  # (long, short) attention windows in tokens
+    lr_multiplier: float
+    momentum: float
+    window_grew_from: int | None = None  # the long window grew from this at this step: rescale rotary (YaRN)
+    stage_changed: bool = False  # the batch/window stage changed at this step: pause the scalar Adam
 
 
-def stage_index(step: int, cfg: Config) -> int:
-    """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
-    stages = len(cfg.batch_tokens_stages)
-    return min(stages * step // cfg.num_iterations, stages)
+class Schedule:
+    def __init__(self, cfg: ScheduleConfig, window_block: int):
+        self.cfg, self.window_block = cfg, window_block
+        self.total_steps = cfg.num_iterations + cfg.extension_iterations
 
+    def stage_index(self, step: int) -> int:
+        """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
+        stages = len(self.cfg.batch_tokens_stages)
+        return min(stages * step // self.cfg.num_iterations, stages)
 
-def batch_tokens_at(step: int, cfg: Config) -> int:
-    i = stage_index(step, cfg)
-    return cfg.batch_tokens_stages[i] if i < len(cfg.batch_tokens_stages) else cfg.batch_tokens_extension
+    def batch_tokens(self, step: int) -> int:
+        i, cfg = self.stage_index(step), self.cfg
+        return cfg.batch_tokens_stages[i] if i < len(cfg.batch_tokens_stages) else cfg.batch_tokens_extension
 
+    def long_window(self, step: int) -> int:
+        """Long attention window in tokens."""
+        cfg, block = self.cfg, self.window_block
+        if cfg.window_schedule == "cubic":  # medium track: grows smoothly, flattens, then rises again
+            x = min(step / cfg.num_iterations, 1.0)
+            tokens = cfg.window_cubic_max_tokens * (4 * x**3 - 6 * x**2 + 3 * x)
+            return max(block, block * math.ceil(tokens / block))
+        i = self.stage_index(step)
+        stages = cfg.long_window_blocks_stages
+        blocks = stages[min(i, len(stages) - 1)] if i < len(cfg.batch_tokens_stages) else cfg.long_window_blocks_extension
+        return blocks * block
 
-def long_window_at(step: int, cfg: Config) -> int:
-    """Long attention window in tokens (short windows: short_window_for)."""
-    if cfg.window_schedule == "cubic":  # medium track: grows smoothly, flattens, then rises again
-        x = min(step / cfg.num_iterations, 1.0)
-        tokens = cfg.window_cubic_max_tokens * (4 * x**3 - 6 * x**2 + 3 * x)
-        return max(cfg.window_block, cfg.window_block * math.ceil(tokens / cfg.window_block))
-    i = stage_index(step, cfg)
-    stages = cfg.long_window_blocks_stages
-    blocks = stages[min(i, len(stages) - 1)] if i < len(cfg.batch_tokens_stages) else cfg.long_window_blocks_extension
-    return blocks * cfg.window_block
+    def short_window(self, long_window: int) -> int:
+        """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6)."""
+        return long_window // self.window_block // 2 * self.window_block
 
+    def windows(self, step: int) -> tuple[int, int]:
+        long_window = self.long_window(step)
+        return long_window, self.short_window(long_window)
 
-def short_window_for(long_window: int, cfg: Config) -> int:
-    """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6)."""
-    return long_window // cfg.window_block // 2 * cfg.window_block
+    def final_val_windows(self) -> tuple[int, int]:
+        """(long, short) at the final validation: the long window jumps to long_window_blocks_final_val,
+        the short layers keep the last training step's window (short record: 20 and 6 blocks)."""
+        return (self.cfg.long_window_blocks_final_val * self.window_block,
+                self.short_window(self.long_window(self.total_steps - 1)))
 
+    def val_windows(self, step: int) -> tuple[int, int]:
+        """A validation before step `step` uses the windows the previous step trained with; the final one
+        final_val_windows."""
+        return self.final_val_windows() if step == self.total_steps else self.windows(max(step - 1, 0))
 
-def final_val_windows(cfg: Config) -> tuple[int, int]:
-    """(long, short) at the final validation: the long window jumps to long_window_blocks_final_val,
-    the short layers keep the last training step's window (short record: 20 and 6 blocks)."""
-    return (cfg.long_window_blocks_final_val * cfg.window_block,
-            short_window_for(long_window_at(total_steps(cfg) - 1, cfg), cfg))
+    def lr_multiplier(self, step: int) -> float:
+        """Stage multiplier held flat, then a linear cooldown towards lr_min_frac over the last cooldown_frac."""
+        cfg = self.cfg
+        x = step / cfg.num_iterations
+        if x >= 1.0:
+            return cfg.lr_min_frac
+        stage_lrs = cfg.lr_stage_multipliers
+        lr_max = stage_lrs[min(self.stage_index(step), len(stage_lrs) - 1)]
+        if x < 1.0 - cfg.cooldown_frac:
+            return lr_max
+        w = (1.0 - x) / cfg.cooldown_frac
+        return lr_max * w + cfg.lr_min_frac * (1.0 - w)
 
+    def momentum(self, step: int) -> float:
+        """Warm up from momentum_min to momentum_max, cool back down over the last steps of the whole
+        run, extension included (short record: 1950 -> 2000)."""
+        cfg = self.cfg
+        lo, hi = cfg.momentum_min, cfg.momentum_max
+        if cfg.momentum_warmup_steps > 0:
+            warm = min(step / cfg.momentum_warmup_steps, 1.0)
+            momentum = lo + (hi - lo) * warm
+        else:
+            momentum = hi
+        cool_start = self.total_steps - cfg.momentum_cooldown_steps
+        if cfg.momentum_cooldown_steps > 0 and step >= cool_start:
+            cool = min((step - cool_start) / cfg.momentum_cooldown_steps, 1.0)
+            momentum = momentum + (lo - momentum) * cool
+        return momentum
 
-def lr_multiplier_at(step: int, cfg: Config) -> float:
-    """Stage multiplier held flat, then a linear cooldown towards lr_min_frac over the last cooldown_frac."""
-    x = step / cfg.num_iterations
-    if x >= 1.0:
-        return cfg.lr_min_frac
-    stage_lrs = cfg.lr_stage_multipliers
-    lr_max = stage_lrs[min(stage_index(step, cfg), len(stage_lrs) - 1)]
-    if x < 1.0 - cfg.cooldown_frac:
-        return lr_max
-    w = (1.0 - x) / cfg.cooldown_frac
-    return lr_max * w + cfg.lr_min_frac * (1.0 - w)
+    def at(self, step: int) -> StepPlan:
+        long_window = self.long_window(step)
+        previous = self.long_window(step - 1) if step > 0 else long_window
+        return StepPlan(step=step, batch_tokens=self.batch_tokens(step), windows=self.windows(step),
+                        lr_multiplier=self.lr_multiplier(step), momentum=self.momentum(step),
+                        window_grew_from=previous if long_window > previous else None,
+                        stage_changed=step > 0 and self.stage_index(step) != self.stage_index(step - 1))
 
+    def shape_steps(self) -> list[int]:
+        """The first step of every distinct (batch size, window) the run trains with."""
+        first = {}
+        for step in range(self.total_steps):
+            first.setdefault((self.batch_tokens(step), self.long_window(step)), step)
+        return list(first.values())
 
-def muon_momentum_at(step: int, cfg: Config) -> float:
-    """Warm up from momentum_min to momentum_max, cool back down over the last steps of the whole
-    run, extension included (short record: 1950 -> 2000)."""
-    lo, hi = cfg.momentum_min, cfg.momentum_max
-    if cfg.momentum_warmup_steps > 0:
-        warm = min(step / cfg.momentum_warmup_steps, 1.0)
-        momentum = lo + (hi - lo) * warm
-    else:
-        momentum = hi
-    cool_start = total_steps(cfg) - cfg.momentum_cooldown_steps
-    if cfg.momentum_cooldown_steps > 0 and step >= cool_start:
-        cool = min((step - cool_start) / cfg.momentum_cooldown_steps, 1.0)
-        momentum = momentum + (lo - momentum) * cool
-    return momentum
+    def all_val_windows(self, val_every: int) -> list[tuple[int, int]]:
+        """Every window pair a validation of the run uses (val_every > 0: every val_every steps, and the end)."""
+        steps = range(0, self.total_steps, val_every) if val_every > 0 else []
+        return list(dict.fromkeys([self.val_windows(step) for step in steps] + [self.final_val_windows()]))
 
 
 # =============================================================================
@@ -2484,33 +2699,29 @@ def nvidia_smi() -> str:
 def write_log_header(log: RunLogger, cfg: Config, argv: list[str], world_size: int, device: torch.device) -> None:
     with open(os.path.abspath(__file__), "rb") as f:
         log.write_script(f.read())
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     header = [
-        f"run_id: {cfg.run_id}",
+        f"run_id: {cfg.run.run_id}",
         f"command: {launch_command(argv)}",
         f"argv: {json.dumps(argv)}",
         f"world_size: {world_size}",
         f"python: {sys.version.split()[0]}",
         f"torch: {torch.__version__}",
-        f"triton: {triton_version}",
+        f"triton: {triton.__version__ if triton is not None else 'not installed'}",
         f"device: {device_description(device, world_size)}",
         f"nvidia-smi: {nvidia_smi()}",
-        f"config: {json.dumps(dataclasses.asdict(cfg))}",
+        f"config: {json.dumps(flat_config(cfg))}",
     ]
     for line in header:
         log(line, console=not line.startswith("config:"))
 
 
-def matmul_flops_per_token(model: nn.Module, cfg: Config, long_window: int) -> float:
-    """Training FLOPs per token: 6 per matrix weight, plus attention scores/values over the window."""
-    matrix = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and getattr(p, "label", "") != "embed"
-                 and getattr(p, "label", "") != "value_embed")
-    attn_layers = sum(1 for c in getattr(cfg, "window_pattern", "L" * cfg.num_layers) if c in "SL")
-    mean_keys = min(long_window, cfg.max_seq_len) * 0.75 / 2  # mix of short and long windows, causal half
+def matmul_flops_per_token(model: nn.Module, max_seq_len: int, long_window: int) -> float:
+    """Training FLOPs per token: 6 per matrix weight (embedding lookups excluded), plus attention
+    scores/values over the window."""
+    cfg = model.cfg
+    matrix = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and p.label not in ("embed", "value_embed"))
+    attn_layers = sum(1 for c in cfg.window_pattern if c in "SL")
+    mean_keys = min(long_window, max_seq_len) * 0.75 / 2  # mix of short and long windows, causal half
     return 6 * matrix + 12 * attn_layers * cfg.num_heads * cfg.head_dim * mean_keys
 
 
@@ -2564,48 +2775,13 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def check_config(cfg: Config, world_size: int) -> None:
-    def fail(message: str):
-        raise ConfigError(message)
-    if cfg.data not in ("fineweb", "synthetic"):
-        fail(f"--data {cfg.data!r}: choose fineweb or synthetic")
-    if cfg.data_stream not in DATA_STREAMS:
-        fail(f"--data-stream {cfg.data_stream!r}: choose one of {', '.join(DATA_STREAMS)}")
-    if cfg.long_documents not in LONG_DOCUMENT_MODES:
-        fail(f"--long-documents {cfg.long_documents!r}: choose one of {', '.join(LONG_DOCUMENT_MODES)}")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        fail(f"--device {cfg.device!r}: choose auto, cuda or cpu")
-    if cfg.num_iterations <= 0 or cfg.extension_iterations < 0:
-        fail("--num-iterations must be > 0 and --extension-iterations >= 0")
-    if cfg.batch_slices % world_size:
-        fail(f"--batch-slices {cfg.batch_slices} is not divisible by the world size {world_size} "
-             "(each rank takes batch_slices/world_size accumulation micro-steps)")
-    for tokens in (*cfg.batch_tokens_stages, cfg.batch_tokens_extension):
-        if tokens % cfg.batch_slices:
-            fail(f"batch of {tokens} tokens is not divisible into --batch-slices {cfg.batch_slices}")
-    if cfg.val_tokens % cfg.val_batch_tokens or cfg.val_batch_tokens % cfg.batch_slices:
-        fail(f"--val-tokens {cfg.val_tokens} must be a multiple of --val-batch-tokens {cfg.val_batch_tokens}, "
-             f"itself a multiple of --batch-slices {cfg.batch_slices} (one validation chunk per forward)")
-    if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
-        fail(f"--compile-backend {cfg.compile_backend!r}: choose inductor, aot_eager or eager")
-    if cfg.attention_backend == "flex" and resolve_device_type(cfg) == "cpu":
-        fail("--attention-backend flex cannot train on CPU: torch's flex attention has no CPU backward "
-             "(eager or compiled); use --attention-backend sdpa on CPU")
-    if cfg.window_schedule not in ("stages", "cubic"):
-        fail(f"--window-schedule {cfg.window_schedule!r}: choose stages or cubic")
-    if cfg.adam_every < 1:
-        fail("--adam-every must be >= 1")
-    check_model_config(cfg)
-    check_optimizer_config(cfg)
+def resolve_device_type(device: str) -> str:
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def resolve_device_type(cfg: Config) -> str:
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    want_cuda = resolve_device_type(cfg) == "cuda"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+def setup_distributed(run: RunConfig) -> tuple[int, int, torch.device]:
+    want_cuda = resolve_device_type(run.device) == "cuda"
+    if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -2616,7 +2792,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if world_size > 1 and not dist.is_initialized():
         # A timeout makes surviving ranks exit instead of hanging when one rank dies.
         dist.init_process_group("nccl" if want_cuda else "gloo", device_id=device if want_cuda else None,
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+                                timeout=datetime.timedelta(seconds=run.dist_timeout_s))
     return rank, world_size, device
 
 
@@ -2628,65 +2804,69 @@ def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def make_train_loader(cfg: Config, rank: int, world_size: int, device):
+    data = cfg.data
     # With prefetching the loader builds host tensors in a thread and the wrapper moves them to the device.
-    build_on = "cpu" if cfg.data_prefetch else device
-    if cfg.data == "synthetic":
-        loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                                 bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed, device=build_on)
-    elif cfg.data_stream == "contiguous":
-        loader = ContiguousLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices,
-                                  max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id, repeat=cfg.repeat_data,
-                                  index_ahead=cfg.data_prefetch, device=build_on)
+    build_on = "cpu" if data.data_prefetch else device
+    if data.data == "synthetic":
+        loader = SyntheticLoader(rank, world_size, slices=data.batch_slices, max_seq_len=data.max_seq_len,
+                                 bos_id=data.bos_id, vocab_size=cfg.model.vocab_size, seed=cfg.run.seed,
+                                 device=build_on)
+    elif data.data_stream == "contiguous":
+        loader = ContiguousLoader(data.train_files, rank, world_size, slices=data.batch_slices,
+                                  max_seq_len=data.max_seq_len, bos_id=data.bos_id, repeat=data.repeat_data,
+                                  index_ahead=data.data_prefetch, device=build_on)
     else:
-        loader = TrainLoader(cfg.train_files, rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                             bos_id=cfg.bos_id, repeat=cfg.repeat_data, long_documents=cfg.long_documents,
-                             index_ahead=cfg.data_prefetch, device=build_on)
-    return PrefetchingLoader(loader, device) if cfg.data_prefetch else loader
+        loader = TrainLoader(data.train_files, rank, world_size, slices=data.batch_slices,
+                             max_seq_len=data.max_seq_len, bos_id=data.bos_id, repeat=data.repeat_data,
+                             long_documents=data.long_documents, index_ahead=data.data_prefetch, device=build_on)
+    return PrefetchingLoader(loader, device) if data.data_prefetch else loader
 
 
-def val_chunk_tokens(cfg: Config) -> int:
+def val_chunk_tokens(data: DataConfig) -> int:
     """Tokens per validation forward: the same at every world size (the record's per-GPU share on 8 GPUs)."""
-    return cfg.val_batch_tokens // cfg.batch_slices
+    return data.val_batch_tokens // data.batch_slices
 
 
 def train_micro_batch_tokens(cfg: Config) -> int:
     """The largest training micro-batch: validation computes its head and loss in pieces this long."""
-    return max(*cfg.batch_tokens_stages, cfg.batch_tokens_extension) // cfg.batch_slices
+    return max(*cfg.schedule.batch_tokens_stages, cfg.schedule.batch_tokens_extension) // cfg.data.batch_slices
 
 
 def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[MicroBatch]:
     """Validation chunks (one per forward), loaded once and reused at every evaluation."""
-    if cfg.data == "synthetic":
-        loader = SyntheticLoader(rank, world_size, slices=cfg.batch_slices, max_seq_len=cfg.max_seq_len,
-                                 bos_id=cfg.bos_id, vocab_size=cfg.vocab_size, seed=cfg.seed + 1_000_003,
+    data = cfg.data
+    if data.data == "synthetic":
+        loader = SyntheticLoader(rank, world_size, slices=data.batch_slices, max_seq_len=data.max_seq_len,
+                                 bos_id=data.bos_id, vocab_size=cfg.model.vocab_size, seed=cfg.run.seed + 1_000_003,
                                  device=device)
-        return [mb for _ in range(cfg.val_tokens // cfg.val_batch_tokens) for mb in loader.next_step(cfg.val_batch_tokens)]
-    return list(validation_batches(cfg.val_files, rank, world_size, val_tokens=cfg.val_tokens,
-                                   chunk_tokens=val_chunk_tokens(cfg), bos_id=cfg.bos_id, device=device))
+        return [mb for _ in range(data.val_tokens // data.val_batch_tokens)
+                for mb in loader.next_step(data.val_batch_tokens)]
+    return list(validation_batches(data.val_files, rank, world_size, val_tokens=data.val_tokens,
+                                   chunk_tokens=val_chunk_tokens(data), bos_id=data.bos_id, device=device))
 
 
-def micro_batch_loss(model, mb: MicroBatch, long_window: int, max_seqlen: int, short_window: int | None = None,
+def micro_batch_loss(model, mb: MicroBatch, windows: tuple[int, int], max_seqlen: int,
                      loss_piece: int = 0) -> torch.Tensor:
     """Summed loss of one micro-batch.
 
-    max_seqlen must be a constant of the run (cfg.max_seq_len in training, the chunk length in
+    max_seqlen must be a constant of the run (max_seq_len in training, the chunk length in
     validation): a compiled model guards on it, so a per-batch value would recompile. The number
     of sequences varies from batch to batch, so cu_seqlens is marked dynamic.
     """
     if mb.max_seqlen > max_seqlen:
         raise ValueError(f"a sequence of {mb.max_seqlen} tokens exceeds max_seqlen {max_seqlen}")
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, long_window, short_window, loss_piece)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, windows, loss_piece)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, world_size: int,
-             short_window: int | None = None, loss_piece: int = 0) -> float:
+def evaluate(model: nn.Module, batches: list[MicroBatch], windows: tuple[int, int], world_size: int,
+             loss_piece: int = 0) -> float:
     """Mean per-token validation loss over all ranks' chunks (summed, then divided once)."""
     device = batches[0].inputs.device
     total = torch.zeros((), device=device, dtype=torch.float64)
     for mb in batches:
-        total += micro_batch_loss(model, mb, long_window, mb.inputs.numel(), short_window, loss_piece).double()
+        total += micro_batch_loss(model, mb, windows, mb.inputs.numel(), loss_piece).double()
     sums = torch.stack([total, torch.tensor(float(sum(mb.inputs.numel() for mb in batches)), device=device,
                                             dtype=torch.float64)])
     if world_size > 1:
@@ -2694,50 +2874,48 @@ def evaluate(model: nn.Module, batches: list[MicroBatch], long_window: int, worl
     return (sums[0] / sums[1]).item()
 
 
-def train_step(model, optimizers, micro_batches: list[MicroBatch], step: int, cfg: Config,
-               long_window: int) -> torch.Tensor:
+def train_step(model, optimizers: OptimizerSet, micro_batches: list[MicroBatch], plan: StepPlan,
+               max_seqlen: int) -> torch.Tensor:
     """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed
     loss as a device tensor (not read here: reading it would wait for the GPU every step)."""
     loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
     for i, mb in enumerate(micro_batches):
-        optimizers.prepare_backward(step, last_micro_step=i == len(micro_batches) - 1)
-        loss = micro_batch_loss(model, mb, long_window, cfg.max_seq_len)
+        optimizers.prepare_backward(plan.step, last_micro_step=i == len(micro_batches) - 1)
+        loss = micro_batch_loss(model, mb, plan.windows, max_seqlen)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
         # gradient the same for every world size.
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
-    optimizers.step(step, lr_multiplier_at(step, cfg), muon_momentum_at(step, cfg))
+    optimizers.step(plan.step, plan.lr_multiplier, plan.momentum)
     return loss_sum
 
 
-def validation_windows(cfg: Config) -> list[tuple]:
-    """Every (long, short) window pair a validation of the run uses: the loop validates with the
-    window of the step before (short window None: the one that goes with it), then the final pair."""
-    steps = total_steps(cfg)
-    windows = [(long_window_at(max(step - 1, 0), cfg), None)
-               for step in range(0, steps, cfg.val_every)] if cfg.val_every > 0 else []
-    return list(dict.fromkeys(windows + [final_val_windows(cfg)]))
+def apply_transitions(plan: StepPlan, raw_model: GPT, optimizers: OptimizerSet, scalar_pause_steps: int) -> None:
+    """The schedule's events at this step, before it trains."""
+    if plan.window_grew_from is not None:
+        raw_model.rescale_rotary(plan.window_grew_from, plan.windows[0])
+    if plan.stage_changed:
+        optimizers.pause_scalars(scalar_pause_steps)
 
 
-def warm_up(model, raw_model, optimizers, loader, cfg: Config, world_size: int, val_batches) -> None:
+def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Config, val_batches) -> None:
     """Compile and run every batch/window shape of the schedule and every validation window,
-    then restore all state exactly."""
+    then restore all state exactly. Warm-up steps are numbered 0, 1, 2, ... so the optimisers'
+    cadence (Adam every other step) is exercised as in training."""
     saved_model = copy.deepcopy(raw_model.state_dict())
     saved_opt = copy.deepcopy(optimizers.state_dict())
     saved_loader = copy.deepcopy(loader.state_dict())
-    shapes = []
-    for step in range(total_steps(cfg)):
-        shape = (batch_tokens_at(step, cfg), long_window_at(step, cfg))
-        if shape not in shapes:
-            shapes.append(shape)
-    per_shape = max(1, cfg.warmup_steps // max(1, len(shapes)))
+    shape_steps = schedule.shape_steps()
+    per_shape = max(1, cfg.loop.warmup_steps // max(1, len(shape_steps)))
     step = 0
-    for batch_tokens, long_window in shapes:
+    for first in shape_steps:
+        shape = schedule.at(first)
         for _ in range(per_shape):
-            train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
+            plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows)
+            train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len)
             step += 1
-    for long_window, short_window in validation_windows(cfg):
-        evaluate(model, val_batches[:1], long_window, 1, short_window, train_micro_batch_tokens(cfg))
+    for windows in schedule.all_val_windows(cfg.loop.val_every):
+        evaluate(model, val_batches[:1], windows, 1, train_micro_batch_tokens(cfg))
     raw_model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
     loader.load_state_dict(saved_loader)
@@ -2748,27 +2926,49 @@ def compiled_graph_count() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+class TrainClock:
+    """Training time in ms: runs while training, stops for validation and checkpoints. The host
+    clock runs ahead of the GPU unless synchronised, so readings are exact only after stop()."""
+
+    def __init__(self, sync, elapsed_ms: float = 0.0):
+        self.sync, self.total_ms, self.started = sync, elapsed_ms, None
+
+    def start(self) -> None:
+        self.sync()
+        self.started = time.perf_counter()
+
+    def stop(self) -> float:
+        self.sync()
+        self.total_ms = self.elapsed_ms()
+        self.started = None
+        return self.total_ms
+
+    def elapsed_ms(self) -> float:
+        running = 0.0 if self.started is None else 1000 * (time.perf_counter() - self.started)
+        return self.total_ms + running
+
+
 def train(cfg: Config, argv: list[str] | None = None) -> dict:
-    """Run one training job; returns the final metrics."""
+    """Run one training job (cfg from build_config or config_from_args); returns the final metrics."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    rank, world_size, device = setup_distributed(cfg)
-    check_config(cfg, world_size)
-    if not cfg.run_id:
-        run_id = [f"{time.strftime('%Y%m%d_%H%M%S')}_{cfg.preset}_s{cfg.seed}"]
+    rank, world_size, device = setup_distributed(cfg.run)
+    check_world_size(cfg, world_size)
+    if not cfg.run.run_id:
+        run_id = [f"{time.strftime('%Y%m%d_%H%M%S')}_{cfg.run.preset}_s{cfg.run.seed}"]
         if world_size > 1:
             dist.broadcast_object_list(run_id, src=0)
-        cfg.run_id = run_id[0]
-    torch.manual_seed(cfg.seed)
+        cfg.run.run_id = run_id[0]
+    torch.manual_seed(cfg.run.seed)
     # Data first: a bad shard is reported before any model is built.
     loader = make_train_loader(cfg, rank, world_size, device)
     val_batches = make_val_batches(cfg, rank, world_size, device)
 
-    log = RunLogger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if rank == 0 else None, echo=rank == 0)
+    log = RunLogger(os.path.join(cfg.run.log_dir, f"{cfg.run.run_id}.txt") if rank == 0 else None, echo=rank == 0)
     try:
         write_log_header(log, cfg, argv, world_size, device)
         for line in loader.describe():
             log(line)
-        return run_training(cfg, argv, log, loader, val_batches, rank, world_size, device)
+        return TrainingRun(cfg, log, loader, val_batches, rank, world_size, device).run()
     except BaseException as e:
         log(f"error: {type(e).__name__}: {e}".splitlines()[0])
         raise
@@ -2777,103 +2977,112 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
         log.close()
 
 
-def run_training(cfg: Config, argv, log: RunLogger, loader, val_batches, rank: int, world_size: int,
-                 device: torch.device) -> dict:
-    raw_model = GPT(cfg).to(device)
-    model = raw_model
-    compiled = cfg.compile and (device.type == "cuda" or cfg.compile_cpu)
-    if compiled:
-        # Each window size and batch shape is its own graph (the warm-up compiles them all).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        model = torch.compile(raw_model, dynamic=False, backend=cfg.compile_backend)
-    optimizers = OptimizerSet(raw_model, cfg, rank, world_size, launch_from_hooks=not compiled)
-    steps = total_steps(cfg)
-    long_window = long_window_at(0, cfg)
-    start_step, train_time_ms = 0, 0.0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume, rank, world_size)
-        raw_model.load_state_dict(state["model"])
-        optimizers.load_state_dict(state["optimizers"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        start_step, train_time_ms, long_window = state["step"], state["train_time_ms"], state["long_window"]
-        log(f"resumed from {cfg.resume} at step {start_step}")
-    if cfg.warmup_steps > 0:
-        t = time.perf_counter()
-        warm_up(model, raw_model, optimizers, loader, cfg, world_size, val_batches)
-        log(f"warmup: {cfg.warmup_steps} untimed steps in {time.perf_counter() - t:.1f}s, state restored")
-    graphs_after_warmup = compiled_graph_count()
+class TrainingRun:
+    """One run's model, optimisers, schedule and clock; `run()` is the loop."""
 
-    peak = peak_flops(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    val_loss = float("nan")
-    sync()
-    t0 = time.perf_counter()
-    for step in range(start_step, steps + 1):
-        last_step = step == steps
-        if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
-            sync()
-            train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for validation
-            eval_long, eval_short = final_val_windows(cfg) if last_step else (long_window, None)
-            val_loss = evaluate(model, val_batches, eval_long, world_size, eval_short, train_micro_batch_tokens(cfg))
-            if not math.isfinite(val_loss):
-                raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
-            log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                f"step_avg:{train_time_ms / max(step - start_step, 1):.2f}ms")
-            sync()
-            t0 = time.perf_counter()
-        if last_step:
-            break
+    def __init__(self, cfg: Config, log: RunLogger, loader, val_batches, rank: int, world_size: int,
+                 device: torch.device):
+        self.cfg, self.log, self.loader, self.val_batches = cfg, log, loader, val_batches
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.schedule = Schedule(cfg.schedule, cfg.model.window_block)
+        self.raw_model = GPT(cfg.model, device)
+        self.model = self.raw_model
+        self.compiled = cfg.run.compile and (device.type == "cuda" or cfg.run.compile_cpu)
+        if self.compiled:
+            # Each window size and batch shape is its own graph (the warm-up compiles them all).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.model = torch.compile(self.raw_model, dynamic=False, backend=cfg.run.compile_backend)
+        self.optimizers = OptimizerSet(self.raw_model, cfg.optim, rank, world_size,
+                                       schedule_steps=cfg.schedule.num_iterations, launch_from_hooks=not self.compiled)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.peak = peak_flops(device)
+        self.start_step, resumed_ms = 0, 0.0
+        if cfg.loop.resume:
+            state = load_checkpoint(cfg.loop.resume, rank, world_size)
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizers.load_state_dict(state["optimizers"])
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+            self.start_step, resumed_ms = state["step"], state["train_time_ms"]
+            log(f"resumed from {cfg.loop.resume} at step {self.start_step}")
+        self.clock = TrainClock(self.sync, resumed_ms)
 
-        new_window = long_window_at(step, cfg)
-        if new_window != long_window:
-            if new_window > long_window:
-                raw_model.rescale_rotary(long_window, new_window)
-            long_window = new_window
-        if step > 0 and stage_index(step, cfg) != stage_index(step - 1, cfg):
-            optimizers.pause_scalars(cfg.scalar_pause_steps)
-        batch_tokens = batch_tokens_at(step, cfg)
-        loss_sum = train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
+    def run(self) -> dict:
+        cfg, steps = self.cfg, self.schedule.total_steps
+        if cfg.loop.warmup_steps > 0:
+            t = time.perf_counter()
+            warm_up(self.model, self.raw_model, self.optimizers, self.loader, self.schedule, cfg, self.val_batches)
+            self.log(f"warmup: {cfg.loop.warmup_steps} untimed steps in {time.perf_counter() - t:.1f}s, state restored")
+        graphs_after_warmup = compiled_graph_count()
+        val_loss = float("nan")
+        self.clock.start()
+        for step in range(self.start_step, steps + 1):
+            if step == steps or (cfg.loop.val_every > 0 and step % cfg.loop.val_every == 0):
+                val_loss = self.validate(step)
+            if step == steps:
+                break
+            plan = self.schedule.at(step)
+            apply_transitions(plan, self.raw_model, self.optimizers, cfg.schedule.scalar_pause_steps)
+            loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens), plan,
+                                  cfg.data.max_seq_len)
+            self.log_step(plan, loss_sum)
+            done = step + 1
+            if cfg.loop.checkpoint_every > 0 and done % cfg.loop.checkpoint_every == 0 and done < steps:
+                self.save_checkpoint(done)
 
-        done = step + 1
-        if cfg.log_every > 0 and (done % cfg.log_every == 0 or done == steps):
-            loss_text = ""
-            if cfg.train_loss_every > 0 and (done % cfg.train_loss_every == 0 or done == steps):
-                # The only per-step read of a device value: it waits for this step to finish.
-                train_loss = all_reduce_mean(loss_sum / (batch_tokens // world_size), world_size).item()
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(f"training loss is {train_loss} at step {done}; stopping (log kept)")
-                loss_text = f"train_loss:{train_loss:.4f} "
-            # Without a sync the host clock runs ahead of the GPU; times are exact at validation lines.
-            elapsed_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
-            step_avg = elapsed_ms / (done - start_step)
-            line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
-                    f"{loss_text}eta:{step_avg * (steps - done) / 1000:.0f}s")
-            if peak is not None:
-                tokens_per_s = batch_tokens / (step_avg / 1000)
-                mfu = tokens_per_s * matmul_flops_per_token(raw_model, cfg, long_window) / (peak * world_size)
-                line += f" tokens/s:{tokens_per_s:.0f} mfu:{100 * mfu:.1f}%"
-            log(line)
-        if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < steps:
-            sync()
-            directory = os.path.join(cfg.checkpoint_dir, cfg.run_id, f"step_{done:06d}")
-            save_checkpoint(directory, rank, world_size, {
-                "model": raw_model.state_dict(), "optimizers": optimizers.state_dict(),
-                "loader": loader.state_dict(), "rng": torch.get_rng_state(), "step": done,
-                "train_time_ms": train_time_ms + 1000 * (time.perf_counter() - t0), "long_window": long_window,
-            })
-            log(f"checkpoint: {directory}", console=False)
+        if self.device.type == "cuda":
+            self.log(f"peak memory: allocated {torch.cuda.max_memory_allocated(self.device) // 2**20} MiB, "
+                     f"reserved {torch.cuda.max_memory_reserved(self.device) // 2**20} MiB")
+        result = {"val_loss": val_loss, "train_time_ms": self.clock.total_ms, "steps": steps,
+                  "run_id": cfg.run.run_id}
+        if self.compiled:
+            result["recompiles_after_warmup"] = compiled_graph_count() - graphs_after_warmup
+            self.log(f"compile: {graphs_after_warmup} graphs compiled before the timed loop, "
+                     f"{result['recompiles_after_warmup']} after")
+        self.log(f"final: val_loss:{val_loss:.4f} train_time_ms:{self.clock.total_ms:.0f} steps:{steps}")
+        return result
 
-    if device.type == "cuda":
-        log(f"peak memory: allocated {torch.cuda.max_memory_allocated(device) // 2**20} MiB, "
-            f"reserved {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
-    result = {"val_loss": val_loss, "train_time_ms": train_time_ms, "steps": steps, "run_id": cfg.run_id}
-    if compiled:
-        result["recompiles_after_warmup"] = compiled_graph_count() - graphs_after_warmup
-        log(f"compile: {graphs_after_warmup} graphs compiled before the timed loop, "
-            f"{result['recompiles_after_warmup']} after")
-    log(f"final: val_loss:{val_loss:.4f} train_time_ms:{train_time_ms:.0f} steps:{steps}")
-    return result
+    def validate(self, step: int) -> float:
+        """Validation before `step` (the clock stops meanwhile); logs and returns the loss."""
+        train_time_ms = self.clock.stop()
+        val_loss = evaluate(self.model, self.val_batches, self.schedule.val_windows(step), self.world_size,
+                            train_micro_batch_tokens(self.cfg))
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
+        self.log(f"step:{step}/{self.schedule.total_steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                 f"step_avg:{train_time_ms / max(step - self.start_step, 1):.2f}ms")
+        self.clock.start()
+        return val_loss
+
+    def log_step(self, plan: StepPlan, loss_sum: torch.Tensor) -> None:
+        loop, steps, done = self.cfg.loop, self.schedule.total_steps, plan.step + 1
+        if loop.log_every <= 0 or (done % loop.log_every and done != steps):
+            return
+        loss_text = ""
+        if loop.train_loss_every > 0 and (done % loop.train_loss_every == 0 or done == steps):
+            # The only per-step read of a device value: it waits for this step to finish.
+            train_loss = all_reduce_mean(loss_sum / (plan.batch_tokens // self.world_size), self.world_size).item()
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(f"training loss is {train_loss} at step {done}; stopping (log kept)")
+            loss_text = f"train_loss:{train_loss:.4f} "
+        elapsed_ms = self.clock.elapsed_ms()
+        step_avg = elapsed_ms / (done - self.start_step)
+        line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
+                f"{loss_text}eta:{step_avg * (steps - done) / 1000:.0f}s")
+        if self.peak is not None:
+            tokens_per_s = plan.batch_tokens / (step_avg / 1000)
+            flops = matmul_flops_per_token(self.raw_model, self.cfg.data.max_seq_len, plan.windows[0])
+            line += f" tokens/s:{tokens_per_s:.0f} mfu:{100 * tokens_per_s * flops / (self.peak * self.world_size):.1f}%"
+        self.log(line)
+
+    def save_checkpoint(self, done: int) -> None:
+        directory = os.path.join(self.cfg.loop.checkpoint_dir, self.cfg.run.run_id, f"step_{done:06d}")
+        self.sync()
+        save_checkpoint(directory, self.rank, self.world_size, {
+            "model": self.raw_model.state_dict(), "optimizers": self.optimizers.state_dict(),
+            "loader": self.loader.state_dict(), "rng": torch.get_rng_state(), "step": done,
+            "train_time_ms": self.clock.elapsed_ms()})
+        self.log(f"checkpoint: {directory}", console=False)
 
 
 def main(argv: list[str] | None = None) -> int:

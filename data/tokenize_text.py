@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt import PRESETS, write_shard  # noqa: E402  (one shard writer for the whole repository)
+from train_gpt import preset_config, write_shard  # noqa: E402  (one shard writer for the whole repository)
 
 BOS = 50256
 MAX_SHARD_TOKENS = 100_000_000
@@ -51,7 +51,7 @@ def length_report(tokens: np.ndarray, split_paragraphs: bool) -> list[str]:
     """Document-length distribution, and a hint when most documents exceed the cpu preset's sequence limit."""
     starts = np.flatnonzero(tokens == BOS)
     lengths = np.diff(np.append(starts, len(tokens)))
-    limit = PRESETS["cpu"]["max_seq_len"]
+    limit = preset_config("cpu").data.max_seq_len
     longer = int((lengths > limit).sum())
     lines = [f"document lengths (tokens, BOS included): count {len(lengths):,}, median {int(np.median(lengths)):,}, "
              f"max {int(lengths.max()):,}; {longer:,} longer than {limit} (the cpu preset's max_seq_len)"]

@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -7,3 +8,26 @@ sys.path.insert(0, REPO)
 _cache = os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")
 if os.path.isdir(_cache):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", _cache)
+
+import train_gpt as tg  # noqa: E402  (after the path is set)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def optimizer_set(model, cfg, rank=0, world_size=1, **kwargs):
+    """The run's OptimizerSet for a whole Config, as the training loop builds it."""
+    return tg.OptimizerSet(model, cfg.optim, rank, world_size, schedule_steps=cfg.schedule.num_iterations, **kwargs)
+
+
+def schedule_of(cfg) -> "tg.Schedule":
+    return tg.Schedule(cfg.schedule, cfg.model.window_block)
+
+
+def with_short(model_cfg, long_window: int) -> tuple[int, int]:
+    """(long, short) windows with the schedule's rule: short = half the long window's blocks, rounded down."""
+    block = model_cfg.window_block
+    return long_window, long_window // block // 2 * block

@@ -35,9 +35,9 @@ STAGE_GROUPS = {
 }
 ALL_STAGES = [name for group in STAGE_GROUPS.values() for name in group]
 
-# SPEC section 6: the record code (varlen attention) on one H100 80GB, torch 2.11, synthetic tokens.
+# The 2025-12-21 record code (varlen attention) measured on this workplace's 1xH100 80GB, torch 2.11, synthetic tokens.
 REFERENCE = {
-    "source": "SPEC.md section 6: 2025-12-21 record code with varlen_attn, 1xH100 80GB, torch 2.11 + CUDA 13",
+    "source": "2025-12-21 record code with varlen_attn, 1xH100 80GB, torch 2.11 + CUDA 13 (measured here before)",
     "short_ms_per_step": {"131072": 259.0, "262144": 480.5, "393216": 736.0},
     "short_peak_memory_gib": 31.4,
     "short_mfu_percent": 41.0,
@@ -121,9 +121,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def schedule_windows(preset: str) -> list[int]:
     """Every window (long and short, in tokens) a preset's schedule uses, its final validation included."""
     cfg = tg.config_from_args(["--preset", preset])
-    return sorted({w for step in range(tg.total_steps(cfg)) for w in
-                   (tg.long_window_at(step, cfg), tg.short_window_for(tg.long_window_at(step, cfg), cfg))}
-                  | set(tg.final_val_windows(cfg)))
+    schedule = tg.Schedule(cfg.schedule, cfg.model.window_block)
+    return sorted({w for step in range(schedule.total_steps) for w in schedule.windows(step)}
+                  | set(schedule.final_val_windows()))
 
 
 def attention_vs_sdpa(backend: str, windows: list[int], block: int = 0, T: int = 8192, heads: int = 6,
@@ -168,7 +168,7 @@ def stage_fp8_head(T: int = 8192, dim: int = 768, vocab: int = 50304, device: st
     x = tg.rms_norm(x)
     w = (torch.randn(vocab, dim, device=device, generator=g) * 0.005).bfloat16()
     grad = (torch.randn(T, vocab, device=device, generator=g) * 1e-4).bfloat16()
-    xs, ws, gs = tg.Config().fp8_scales
+    xs, ws, gs = tg.ModelConfig().fp8_scales
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     out = tg.fp8_linear(xl, wl, xs, ws, gs)[0]
     out.backward(grad)
@@ -226,52 +226,51 @@ def timed_run(cfg: tg.Config, steps_per_stage: int, device=torch.device("cuda", 
     def peak_gib():
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
 
-    torch.manual_seed(cfg.seed)
-    raw_model = tg.GPT(cfg).to(device)
+    torch.manual_seed(cfg.run.seed)
+    raw_model = tg.GPT(cfg.model, device)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model = torch.compile(raw_model, dynamic=False, backend=cfg.compile_backend)
-    optimizers = tg.OptimizerSet(raw_model, cfg, 0, 1)
+    model = torch.compile(raw_model, dynamic=False, backend=cfg.run.compile_backend)
+    optimizers = tg.OptimizerSet(raw_model, cfg.optim, 0, 1, schedule_steps=cfg.schedule.num_iterations)
+    schedule = tg.Schedule(cfg.schedule, cfg.model.window_block)
     loader = tg.make_train_loader(cfg, 0, 1, device)
     val_batches = tg.make_val_batches(cfg, 0, 1, device)
     t, graphs_at_start = time.perf_counter(), tg.compiled_graph_count()
-    tg.warm_up(model, raw_model, optimizers, loader, cfg, 1, val_batches)
+    tg.warm_up(model, raw_model, optimizers, loader, schedule, cfg, val_batches)
     sync()
     warmup_s = time.perf_counter() - t
     graphs_before = tg.compiled_graph_count()
     peak = tg.peak_flops(device)
-    stages, long_window, step = {}, tg.long_window_at(0, cfg), 0
-    total = tg.total_steps(cfg)
+    stages, step, total = {}, 0, schedule.total_steps
     while step < total:
-        stage = tg.stage_index(step, cfg)
+        stage = schedule.stage_index(step)
         reset_peak()
         sync()
         t, first = time.perf_counter(), step
-        while step < total and tg.stage_index(step, cfg) == stage and step - first < steps_per_stage:
-            new_window = tg.long_window_at(step, cfg)
-            if new_window > long_window:
-                raw_model.rescale_rotary(long_window, new_window)
-            long_window = new_window
-            batch_tokens = tg.batch_tokens_at(step, cfg)
-            tg.train_step(model, optimizers, loader.next_step(batch_tokens), step, cfg, long_window)
+        while step < total and schedule.stage_index(step) == stage and step - first < steps_per_stage:
+            plan = schedule.at(step)
+            tg.apply_transitions(plan, raw_model, optimizers, cfg.schedule.scalar_pause_steps)
+            tg.train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len)
             step += 1
         sync()
         ms = 1000 * (time.perf_counter() - t) / (step - first)
-        tokens_per_s = batch_tokens / (ms / 1000)
-        name = f"stage{stage}" if stage < len(cfg.batch_tokens_stages) else "extension"
-        stages[name] = {"batch_tokens": batch_tokens, "long_window": long_window, "steps": step - first,
+        tokens_per_s = plan.batch_tokens / (ms / 1000)
+        long_window = plan.windows[0]
+        name = f"stage{stage}" if stage < len(cfg.schedule.batch_tokens_stages) else "extension"
+        flops = tg.matmul_flops_per_token(raw_model, cfg.data.max_seq_len, long_window)
+        stages[name] = {"batch_tokens": plan.batch_tokens, "long_window": long_window, "steps": step - first,
                         "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens_per_s),
-                        "mfu_percent": round(100 * tokens_per_s * tg.matmul_flops_per_token(raw_model, cfg, long_window)
-                                             / peak, 1) if peak else None,
+                        "mfu_percent": round(100 * tokens_per_s * flops / peak, 1) if peak else None,
                         "peak_memory_gib": peak_gib()}
-        while step < total and tg.stage_index(step, cfg) == stage:  # skip the rest of the stage
+        while step < total and schedule.stage_index(step) == stage:  # skip the rest of the stage
+            plan = schedule.at(step)
+            tg.apply_transitions(plan, raw_model, optimizers, cfg.schedule.scalar_pause_steps)
             step += 1
     reset_peak()
     t = time.perf_counter()
-    final_long, final_short = tg.final_val_windows(cfg)
-    val_loss = tg.evaluate(model, val_batches, final_long, 1, final_short, tg.train_micro_batch_tokens(cfg))
+    val_loss = tg.evaluate(model, val_batches, schedule.final_val_windows(), 1, tg.train_micro_batch_tokens(cfg))
     val = {"val_loss": round(val_loss, 4), "seconds": round(time.perf_counter() - t, 2),
            "peak_memory_gib": peak_gib(),
-           "tokens": cfg.val_tokens}
+           "tokens": cfg.data.val_tokens}
     return {"warmup_s": round(warmup_s, 1), "graphs_compiled_in_warmup": graphs_before - graphs_at_start,
             "recompiles_after_warmup": tg.compiled_graph_count() - graphs_before, "stages": stages,
             "final_validation": val, "peak_flops_denominator": peak,

@@ -217,15 +217,6 @@ def test_loader_state_resumes_exactly(tmp_path):
         torch.testing.assert_close(x, y)
 
 
-def test_indivisible_batch_is_refused(tmp_path):
-    pattern = write_train_shards(tmp_path, np.random.default_rng(6))
-    with pytest.raises(tg.DataError, match="not divisible by world size 3"):
-        tg.TrainLoader(pattern, 0, 3, slices=8, max_seq_len=16, bos_id=BOS)
-    loader = tg.TrainLoader(pattern, 0, 1, slices=8, max_seq_len=16, bos_id=BOS)
-    with pytest.raises(tg.DataError, match="not divisible into 8 slices"):
-        loader.next_step(100)
-
-
 def test_synthetic_loader_shapes_and_world_size_invariance():
     one = tg.SyntheticLoader(0, 1, slices=4, max_seq_len=512, bos_id=BOS, vocab_size=50257, seed=3)
     two = [tg.SyntheticLoader(r, 2, slices=4, max_seq_len=512, bos_id=BOS, vocab_size=50257, seed=3) for r in range(2)]
@@ -358,22 +349,16 @@ def test_continue_state_resumes_mid_document(tmp_path):
     torch.testing.assert_close(b.next_step(100)[0].inputs, expected.inputs)
 
 
-def test_bad_long_documents_mode_is_refused(tmp_path):
-    pattern = unique_token_shards(tmp_path, [[10, 10]])
-    with pytest.raises(tg.DataError, match="--long-documents 'wrap'"):
-        tg.TrainLoader(pattern, 0, 1, slices=1, max_seq_len=8, bos_id=BOS, long_documents="wrap")
-
-
 def test_presets_and_own_files_pick_their_long_document_mode():
-    assert tg.config_from_args([]).long_documents == "truncate"
+    assert tg.config_from_args([]).data.long_documents == "truncate"
     for preset, mode in (("short", "truncate"), ("medium", "truncate"), ("cpu", "continue"), ("test", "continue")):
-        assert tg.config_from_args(["--preset", preset]).long_documents == mode
+        assert tg.config_from_args(["--preset", preset]).data.long_documents == mode
         # a named preset keeps its mode with other files (e.g. FineWeb stored elsewhere)
-        assert tg.config_from_args(["--preset", preset, "--train-files", "x/*.bin"]).long_documents == mode
-    assert tg.config_from_args(["--train-files", "mine/*.bin"]).long_documents == "continue"
-    assert tg.config_from_args(["--train-files", "m/*.bin", "--long-documents", "truncate"]).long_documents == "truncate"
-    assert tg.config_from_args(["--preset", "medium"]).data_stream == "contiguous"
-    assert tg.config_from_args([]).data_stream == "bos_aligned"
+        assert tg.config_from_args(["--preset", preset, "--train-files", "x/*.bin"]).data.long_documents == mode
+    assert tg.config_from_args(["--train-files", "mine/*.bin"]).data.long_documents == "continue"
+    assert tg.config_from_args(["--train-files", "m/*.bin", "--long-documents", "truncate"]).data.long_documents == "truncate"
+    assert tg.config_from_args(["--preset", "medium"]).data.data_stream == "contiguous"
+    assert tg.config_from_args([]).data.data_stream == "bos_aligned"
 
 
 # --- start-of-run description of the training data --------------------------------------

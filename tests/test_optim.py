@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import free_port, optimizer_set, schedule_of
 
 VOCAB, DIM, HIDDEN, HEADS, SEQ = 70, 16, 64, 2, 8
 
@@ -63,7 +63,7 @@ class Toy(nn.Module):
 
 def make_cfg(**overrides):
     """The short-track optimiser recipe, with test-friendly overrides."""
-    return dataclasses.replace(tg.Config(), **{"num_iterations": 20, **overrides})
+    return tg.build_config("short", **{"num_iterations": 20, **overrides})
 
 
 def batch(step, slices=4, rows=2):
@@ -75,6 +75,7 @@ def batch(step, slices=4, rows=2):
 def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=None, cfg=None, before_step=None):
     """The training loop's protocol: this rank's consecutive micro-batches, loss/num_micro."""
     cfg = cfg or make_cfg()
+    schedule = schedule_of(cfg)
     for step in range(start, start + steps):
         if pause_at is not None and step == pause_at[0]:
             opt.pause_scalars(pause_at[1])
@@ -85,7 +86,7 @@ def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=N
             (model(inputs, targets) / len(mine)).backward()
         if before_step is not None:
             before_step(step)
-        opt.step(step, tg.lr_multiplier_at(step, cfg), tg.muon_momentum_at(step, cfg))
+        opt.step(step, schedule.lr_multiplier(step), schedule.momentum(step))
 
 
 def params_of(model):
@@ -118,12 +119,12 @@ def set_grads(model, grads, accumulate=False):
 
 
 def test_routing_by_label():
-    opt = tg.OptimizerSet(Toy(), make_cfg(), 0, 1)
+    opt = optimizer_set(Toy(), make_cfg(), 0, 1)
     adam, scalar, muon = opt.members
     names = lambda member: [slot.name for slot in member.slots]  # noqa: E731
     assert names(adam) == ["lm_head", "embed", "value_embed", "smear_gate", "x0_lambdas"]
     assert names(scalar) == ["scalars"] and opt.scalar_adam is scalar
-    assert scalar.settings.betas == (0.9, 0.99) and adam.settings.betas == (0.65, 0.95)
+    assert scalar.slots[0].betas == (0.9, 0.99) and all(slot.betas == (0.65, 0.95) for slot in adam.slots)
     assert isinstance(muon, tg.Muon) and muon.settings.variance_reduction
     shapes = {(g.rows, g.cols): g.count for g in muon.groups}
     assert shapes == {(DIM, DIM): 4, (HEADS, 12): 1, (HIDDEN, DIM): 2}  # Q, K, V, O are four matrices
@@ -133,7 +134,7 @@ def test_routing_by_label():
     assert wd == {"lm_head": 1, "embed": 1, "value_embed": 1, "smear_gate": 0, "x0_lambdas": 0, "scalars": 0}
     mlp = next(g for g in muon.groups if g.rows == HIDDEN)
     assert mlp.lr_scale.flatten().tolist() == [2.0, 4.0]  # sqrt(64/16) = 2, times 2 for mlp_proj
-    adamw = tg.OptimizerSet(Toy(), make_cfg(optimizer="adamw"), 0, 1)
+    adamw = optimizer_set(Toy(), make_cfg(optimizer="adamw"), 0, 1)
     assert len(adamw.members) == 1 and len(adamw.members[0].slots) == 10
     assert adamw.members[0].settings.wd_style == "decoupled" and adamw.members[0].settings.every == 1
 
@@ -141,42 +142,60 @@ def test_routing_by_label():
 def test_unknown_or_missing_label_names_the_parameter():
     model = Bag(w=(torch.zeros(4, 4), "mlp_fc"), mystery=(torch.zeros(3), "bias"))
     with pytest.raises(ValueError, match="'mystery'.*'bias'"):
-        tg.OptimizerSet(model, make_cfg(), 0, 1)
+        optimizer_set(model, make_cfg(), 0, 1)
     model = Bag(w=(torch.zeros(4, 4), "mlp_fc"))
     model.extra = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="'extra'.*None"):
-        tg.OptimizerSet(model, make_cfg(), 0, 1)
+        optimizer_set(model, make_cfg(), 0, 1)
 
 
 @pytest.mark.parametrize("argv, field", [
     (["--orthogonalizer", "svd"], "--orthogonalizer"),
     (["--optimizer", "sgd"], "--optimizer"),
-    (["--adam-betas", "0.9"], "--adam-betas"),
-    (["--scalar-betas", "0.9,1.5"], "--scalar-betas"),
-    (["--lr-multipliers", "mlp:2"], "--lr-multipliers"),
-    (["--wd-multipliers", "mlp_fc=2"], "--wd-multipliers"),
+    (["--labels", "value_embed.betas=0.9"], "--labels"),
+    (["--labels", "scalars.betas=0.9/1.5"], "--labels"),
+    (["--labels", "mlp.lr=2"], "--labels"),
+    (["--labels", "mlp_fc.wd:2"], "--labels"),
+    (["--labels", "attn.optimizer=sgd"], "--labels"),
+    (["--labels", "attn.lr=fast"], "--labels"),
     (["--adam-moment-init", "ones"], "--adam-moment-init"),
     (["--muon-smoothing", "1.0"], "--muon-smoothing"),
     (["--snoo-every", "0"], "--snoo-every"),
     (["--wd-style", "l2"], "--wd-style"),
+    (["--adamw-betas", "0.9"], "--adamw-betas"),
 ])
 def test_bad_optimiser_config_is_one_line_naming_the_field(argv, field):
-    cfg = tg.config_from_args(argv)
     with pytest.raises(tg.ConfigError) as info:
-        tg.OptimizerSet(Toy(), cfg, 0, 1)
+        tg.config_from_args(argv)
     assert str(info.value).startswith(field) and "\n" not in str(info.value)
 
 
+def test_label_overrides_change_one_rule_and_keep_the_rest():
+    cfg = tg.config_from_args(["--labels", "value_embed.lr=80,scalars.betas=0.8/0.9,mlp_proj.optimizer=adam,"
+                                           "mlp_proj.betas=0.7/0.9"])
+    labels = cfg.optim.labels
+    assert labels["value_embed"] == tg.LabelRule("adam", 80.0, 1.0, (0.65, 0.95))
+    assert labels["scalars"].betas == (0.8, 0.9) and labels["scalars"].lr == 5.0
+    assert labels["mlp_proj"] == tg.LabelRule("adam", 2.0, 1.0, (0.7, 0.9))
+    assert {k: v for k, v in labels.items() if k not in ("value_embed", "scalars", "mlp_proj")} == \
+        {k: v for k, v in tg.SHORT_TRACK_LABELS.items() if k not in ("value_embed", "scalars", "mlp_proj")}
+    opt = optimizer_set(Toy(), cfg)
+    adam = opt.members[0]
+    assert [slot.name for slot in adam.slots][-1] == "mlp_proj"  # routed to Adam by the table
+    assert tg.parse_label_overrides("", tg.SHORT_TRACK_LABELS) == tg.SHORT_TRACK_LABELS
+
+
 def test_medium_preset_optimisers():
-    cfg = tg.config_from_args(["--preset", "medium"])
-    tg.check_optimizer_config(cfg)
-    lr = tg.parse_label_multipliers(cfg.lr_multipliers, "lr_multipliers")
+    cfg = tg.config_from_args(["--preset", "medium"]).optim
+    lr = {label: rule.lr for label, rule in cfg.labels.items()}
     assert cfg.adam_lr == pytest.approx(1 / 320) and cfg.adam_lr * lr["embed"] == pytest.approx(0.3)
     assert cfg.adam_lr * lr["value_embed"] == pytest.approx(0.3)
     assert cfg.adam_lr * lr["scalars"] == pytest.approx(0.015) == cfg.adam_lr * lr["x0_lambdas"]
-    assert cfg.adam_betas == cfg.scalar_betas == (0.8, 0.95) and cfg.adam_eps == 1e-10 and cfg.adam_wd == 0
+    assert {rule.betas for rule in cfg.labels.values() if rule.optimizer != "muon"} == {(0.8, 0.95)}
+    assert cfg.adam_eps == 1e-10 and cfg.adam_wd == 0
     assert (cfg.optimizer, cfg.muon_lr, cfg.muon_wd) == ("muon", 0.03, 0.01)
-    assert tg.parse_label_multipliers(cfg.wd_multipliers, "wd_multipliers") == {"mlp_fc": 2, "mlp_proj": 2}
+    assert {label for label, rule in cfg.labels.items() if rule.wd != 1} == {"mlp_fc", "mlp_proj"}
+    assert cfg.labels["mlp_fc"].wd == cfg.labels["mlp_proj"].wd == 2
     assert cfg.orthogonalizer == "newton_schulz_per_iteration" and cfg.muon_smoothing == 0.2
     assert cfg.snoo and cfg.snoo_every == 28 and cfg.snoo_lr == 0.68 and cfg.snoo_momentum == 0.37
 
@@ -230,7 +249,7 @@ def test_muon_steps_match_reference(optimizer, smoothing):
     extra = dict(muon_smoothing=smoothing[1], muon_smoothing_start=smoothing[0], muon_smoothing_steps=smoothing[2]) \
         if smoothing else {}
     cfg = make_cfg(optimizer=optimizer, muon_lr=0.05, muon_wd=3.0, **extra)
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     steps, lr_mults, momenta = 4, [1.0, 1.5, 0.7, 1.2], [0.85, 0.9, 0.95, 0.95]
     grads = [random_grads(model, 10 + t) for t in range(steps)]
     for t in range(steps):
@@ -239,7 +258,7 @@ def test_muon_steps_match_reference(optimizer, smoothing):
         assert all(p.grad is None for p in model.parameters())
     sched = (lambda t: smoothing[0] + (smoothing[1] - smoothing[0]) * min(t / smoothing[2], 1)) if smoothing \
         else (lambda t: 0.0)
-    orth = tg.ORTHOGONALIZERS[cfg.orthogonalizer]
+    orth = tg.ORTHOGONALIZERS[cfg.optim.orthogonalizer]
     for name, (_, label) in MUON_SHAPES.items():
         # The fused (4, DIM, DIM) QKVO takes its lr factor as one (4*DIM x DIM) parameter; NorMuon
         # normalises the O stored transposed per column and the wide gate per row.
@@ -276,7 +295,7 @@ def test_smoothing_on_scalar_toy_matches_hand_computation():
         model = Bag(w=(torch.ones(1, 1), "mlp_fc"))
         cfg = make_cfg(optimizer="muon", muon_lr=0.1, muon_wd=0.0, muon_smoothing=s_end,
                        muon_smoothing_start=s_start, muon_smoothing_steps=ramp)
-        opt = tg.OptimizerSet(model, cfg, 0, 1)
+        opt = optimizer_set(model, cfg, 0, 1)
         for t in range(3):
             model.w.grad = torch.ones(1, 1)
             opt.step(t, 1.0, 0.0)
@@ -329,21 +348,22 @@ def test_adam_steps_match_reference(switches):
     model = Bag(**{n: (torch.randn(*shape, generator=g) * 0.5, label) for n, (shape, label) in ADAM_SHAPES.items()})
     start = params_of(model)
     cfg = make_cfg(adam_lr=0.05, adam_wd=4.0, adam_every=1, adam_bf16_moments=False, num_iterations=4, **switches)
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     lr_mults = [1.0, 1.5, 0.5, 1.2]
     grads = [random_grads(model, 20 + t) for t in range(4)]
     for t in range(4):
         set_grads(model, grads[t])
         opt.step(t, lr_mults[t], 0.9)
-    eps0, eps1 = cfg.adam_eps, cfg.adam_eps_end
+    eps0, eps1 = cfg.optim.adam_eps, cfg.optim.adam_eps_end
     eps_at = {"linear": lambda s: eps0 + (eps1 - eps0) * s / 4, "geometric": lambda s: eps0 * (eps1 / eps0) ** (s / 4)
-              }.get(cfg.adam_eps_schedule, lambda s: eps0)
+              }.get(cfg.optim.adam_eps_schedule, lambda s: eps0)
     lr_mult_of = {"lm_head": 1.0, "value_embed": 75.0, "x0_lambdas": 5.0, "smear_gate": 0.01}
     for name, (_, label) in ADAM_SHAPES.items():
         kwargs = dict(lr=0.05, betas=(0.65, 0.95), eps_at=eps_at, wd=4.0, label_lr=lr_mult_of[label],
                       label_wd=0.0 if label in ("x0_lambdas", "smear_gate") else 1.0,
-                      bias_correction=cfg.adam_bias_correction, first_grad=cfg.adam_moment_init == "first_grad",
-                      nested=cfg.adam_nested_ema, linear_lr_mult=cfg.adam_wd_linear_lr_mult)
+                      bias_correction=cfg.optim.adam_bias_correction,
+                      first_grad=cfg.optim.adam_moment_init == "first_grad",
+                      nested=cfg.optim.adam_nested_ema, linear_lr_mult=cfg.optim.adam_wd_linear_lr_mult)
         expected = reference_adam(start[name], [gr[name] for gr in grads], lr_mults, range(4), **kwargs)
         torch.testing.assert_close(getattr(model, name).detach(), expected, rtol=2e-5, atol=2e-6, msg=name)
         if name == "head" and not switches:  # the cautious mask matters at this wd, so the test can fail
@@ -359,8 +379,8 @@ def test_plain_adamw_matches_reference_and_bf16_moments_are_close():
         return Bag(**{n: (torch.randn(*shape, generator=g), label) for n, (shape, label) in shapes.items()})
     model, twin = make(), make()
     start = params_of(model)
-    opt = tg.OptimizerSet(model, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0, adam_bf16_moments=False), 0, 1)
-    opt_bf16 = tg.OptimizerSet(twin, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0), 0, 1)
+    opt = optimizer_set(model, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0, adam_bf16_moments=False), 0, 1)
+    opt_bf16 = optimizer_set(twin, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0), 0, 1)
     assert opt_bf16.members[0].slots[0].exp_avg.dtype == torch.bfloat16
     grads = [random_grads(model, 30 + t) for t in range(3)]
     for t in range(3):
@@ -381,7 +401,7 @@ def test_adam_every_two_steps_sums_the_gradients():
     model = Bag(head=(torch.randn(12, 5, generator=g), "lm_head"), s=(torch.randn(4, generator=g), "scalars"),
                 fc=(torch.randn(8, 4, generator=g), "mlp_fc"))
     start = params_of(model)
-    opt = tg.OptimizerSet(model, make_cfg(adam_every=2, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
+    opt = optimizer_set(model, make_cfg(adam_every=2, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
     g0, g1 = random_grads(model, 40), random_grads(model, 41)
     set_grads(model, g0)
     opt.step(0, 1.0, 0.9)
@@ -402,7 +422,7 @@ def test_pause_drops_scalar_gradients_and_keeps_moments():
     g = torch.Generator().manual_seed(8)
     model = Bag(s=(torch.randn(6, generator=g), "scalars"), head=(torch.randn(12, 5, generator=g), "lm_head"))
     start = params_of(model)
-    opt = tg.OptimizerSet(model, make_cfg(adam_every=1, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
+    opt = optimizer_set(model, make_cfg(adam_every=1, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
     grads = [random_grads(model, 50 + t) for t in range(5)]
     set_grads(model, grads[0])
     opt.step(0, 1.0, 0.9)
@@ -448,7 +468,7 @@ def test_snoo_on_scalar_matches_hand_computation():
 
 def test_snoo_in_the_optimiser_set_pulls_back_after_the_first_step():
     model = Bag(w=(torch.ones(1, 1), "mlp_fc"))
-    opt = tg.OptimizerSet(model, make_cfg(optimizer="muon", muon_lr=0.1, muon_wd=0.0, snoo=True, snoo_every=3), 0, 1)
+    opt = optimizer_set(model, make_cfg(optimizer="muon", muon_lr=0.1, muon_wd=0.0, snoo=True, snoo_every=3), 0, 1)
     c = tg.ORTHOGONALIZERS["polar_express"](torch.ones(1, 1, 1), 5).float().item()
     model.w.grad = torch.ones(1, 1)
     opt.step(0, 1.0, 0.0)
@@ -463,14 +483,14 @@ def test_state_dict_round_trip_continues_bit_identically(tmp_path):
     cfg = make_cfg(snoo=True, snoo_every=2, muon_smoothing=0.3, muon_smoothing_start=0.6, muon_smoothing_steps=6,
                    adam_eps_schedule="linear", adam_eps_end=1e-6, adam_moment_init="first_grad")
     model = Toy()
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     train(model, opt, 3, pause_at=(2, 2), cfg=cfg)  # stops mid-pair (Adam every 2) and mid-pause
     assert model.lm_head.grad is not None  # a pending accumulated gradient must be part of the state
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
     train(model, opt, 4, start=3, cfg=cfg)
 
     resumed = Toy(seed=1)
-    resumed_opt = tg.OptimizerSet(resumed, cfg, 0, 1)
+    resumed_opt = optimizer_set(resumed, cfg, 0, 1)
     train(resumed, resumed_opt, 2, cfg=cfg)  # state that the load must overwrite completely
     saved = torch.load(tmp_path / "ck.pt", weights_only=False)
     resumed.load_state_dict(saved["model"])
@@ -502,7 +522,7 @@ def test_muon_beats_sgd_on_ill_conditioned_matrix_regression():
         return (((model.w @ x - y) ** 2).sum() / 256).item()
 
     def muon(model, lr):
-        opt = tg.OptimizerSet(model, make_cfg(optimizer="muon", muon_lr=lr, muon_wd=0.0), 0, 1)
+        opt = optimizer_set(model, make_cfg(optimizer="muon", muon_lr=lr, muon_wd=0.0), 0, 1)
         return lambda t, mult: opt.step(t, mult, 0.9)
 
     def sgd(model, lr):
@@ -532,7 +552,7 @@ def run_world_configs(rank, world_size):
     for name, overrides in WORLD_CONFIGS.items():
         cfg = make_cfg(**overrides)
         model = Toy()
-        opt = tg.OptimizerSet(model, cfg, rank, world_size, launch_from_hooks=name not in LAUNCHED_BY_STEP)
+        opt = optimizer_set(model, cfg, rank, world_size, launch_from_hooks=name not in LAUNCHED_BY_STEP)
         launched = []  # which groups' hooks started communication during backward, per step
         def record(step):
             launched.append([[slot.launched for slot in m.slots] if isinstance(m, tg.DistAdam)
@@ -549,12 +569,6 @@ def world_worker(rank, world_size, port, out_dir):
         torch.save(run_world_configs(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

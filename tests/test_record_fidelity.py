@@ -1,6 +1,5 @@
 """The `short` and `medium` presets against facts of their records (issue 11), each checked
 from the arithmetic; schedules and window key counts are in test_schedules.py."""
-import dataclasses
 import warnings
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import train_gpt as tg
+from conftest import optimizer_set
 
 
 def labelled(tensor, label):
@@ -24,7 +24,7 @@ class Bag(nn.Module):
 
 
 def short_cfg(**overrides):
-    return dataclasses.replace(tg.config_from_args(["--preset", "short"]), **overrides)
+    return tg.build_config("short", **overrides)
 
 
 def tiny_cfg(*extra):
@@ -43,7 +43,7 @@ def test_attention_step_is_twice_a_lone_matrix_step(shape_factor, ratio):
     grad = torch.randn(dim, dim, generator=g)
     model = Bag(attn=labelled(torch.zeros(4, dim, dim), "attn"), lone=labelled(torch.zeros(dim, dim), "mlp_fc"))
     cfg = short_cfg(muon_shape_factor=shape_factor, muon_wd=0.0)
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     model.attn.grad, model.lone.grad = grad.expand(4, dim, dim).clone(), grad.clone()
     opt.step(0, 1.0, 0.95)
     lone_step = model.lone.detach()
@@ -60,10 +60,10 @@ def test_attention_decay_uses_the_same_effective_lr(shape_factor, ratio):
     w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(1))
     model = Bag(attn=labelled(w.expand(4, dim, dim).clone(), "attn"), lone=labelled(w.clone(), "mlp_fc"))
     cfg = short_cfg(muon_shape_factor=shape_factor)
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     model.attn.grad, model.lone.grad = torch.zeros(4, dim, dim), torch.zeros(dim, dim)
     opt.step(0, 1.0, 0.95)
-    lr, wd = cfg.muon_lr, cfg.muon_wd
+    lr, wd = cfg.optim.muon_lr, cfg.optim.muon_wd
     torch.testing.assert_close(model.lone.detach(), w * (1 - wd * lr * lr))
     torch.testing.assert_close(model.attn.detach()[3], w * (1 - wd * lr * lr * ratio))
 
@@ -71,7 +71,7 @@ def test_attention_decay_uses_the_same_effective_lr(shape_factor, ratio):
 def test_short_preset_attention_lr_factor_at_768():
     """The preset's own shapes: the four 768 x 768 attention matrices get factor 2, a lone one 1."""
     model = Bag(attn=labelled(torch.zeros(4, 768, 768), "attn"), lone=labelled(torch.zeros(768, 768), "mlp_fc"))
-    muon = tg.OptimizerSet(model, short_cfg(), 0, 1).members[-1]
+    muon = optimizer_set(model, short_cfg(), 0, 1).members[-1]
     (group,) = muon.groups  # one shape, one batch of five matrices
     assert group.lr_scale.flatten().tolist() == [2.0, 2.0, 2.0, 2.0, 1.0]
 
@@ -87,12 +87,12 @@ def test_value_embedding_row_without_gradient_is_decayed_by_the_squared_lr(linea
     rows = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
     model = Bag(value_embed=labelled(rows.clone(), "value_embed"))
     cfg = short_cfg(adam_every=1, adam_bf16_moments=False, adam_wd_linear_lr_mult=linear)
-    opt = tg.OptimizerSet(model, cfg, 0, 1)
+    opt = optimizer_set(model, cfg, 0, 1)
     grad = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
     grad[0] = 0  # row 0 not in the batch
     model.value_embed.grad = grad
     opt.step(1, 1.0, 0.95)
-    lr, wd, m = cfg.adam_lr, cfg.adam_wd, 75.0
+    lr, wd, m = cfg.optim.adam_lr, cfg.optim.adam_wd, 75.0
     decay = wd * lr * lr * m if linear else wd * (lr * m) ** 2
     assert decay == pytest.approx(0.005 * lr * lr * 75 if linear else 0.0018)
     torch.testing.assert_close(model.value_embed.detach()[0], rows[0] * (1 - decay), rtol=1e-6, atol=0)
@@ -104,11 +104,12 @@ def test_value_embedding_row_without_gradient_is_decayed_by_the_squared_lr(linea
 def test_normuon_axis_follows_the_records_orientation():
     """Per output unit: rows of Q, K, V (stored out x in), columns of O (stored transposed here),
     rows of the 6 x 12 attention gate although it is wide."""
-    model = tg.GPT(tiny_cfg())
+    cfg = tiny_cfg()
+    model = tg.GPT(cfg.model)
     attn = model.blocks[0].attn
     assert attn.qkvo.normalise_columns == (False, False, False, True)
     assert attn.output_gate.normalise_columns == (False,)
-    muon = tg.OptimizerSet(model, model.cfg, 0, 1).members[-1]
+    muon = optimizer_set(model, cfg, 0, 1).members[-1]
     gate_group = next(g for g in muon.groups if g.params[0] is attn.output_gate)
     assert gate_group.col_moment is None and gate_group.row_moment.shape[-2:] == (gate_group.rows, 1)
     qkvo_group = next(g for g in muon.groups if g.params[0] is attn.qkvo)
@@ -123,7 +124,7 @@ def test_gate_normalised_per_row_differs_from_per_column():
     for columns in (False, True):
         gate = labelled(torch.zeros(6, 12), "attn_gate")
         gate.normalise_columns = (columns,)
-        opt = tg.OptimizerSet(Bag(gate=gate), short_cfg(normuon_beta2=0.0), 0, 1)
+        opt = optimizer_set(Bag(gate=gate), short_cfg(normuon_beta2=0.0), 0, 1)
         gate.grad = grad.clone()
         opt.step(0, 1.0, 0.0)
         updates[columns] = gate.detach().clone()
@@ -134,15 +135,16 @@ def test_gate_normalised_per_row_differs_from_per_column():
 
 @pytest.mark.parametrize("fp32_gates, dtype", [(False, torch.bfloat16), (True, torch.float32)])
 def test_gates_held_in_bf16_as_the_record(fp32_gates, dtype):
-    model = tg.GPT(tg.config_from_args(["--preset", "test", "--fp32-gates", str(fp32_gates)]))
+    model = tg.GPT(tg.config_from_args(["--preset", "test", "--fp32-gates", str(fp32_gates)]).model)
     assert model.smear_gate.dtype == dtype and model.blocks[0].attn.output_gate.dtype == dtype
 
 
 def test_short_preset_is_the_record_by_default():
     cfg = tg.config_from_args(["--preset", "short"])
-    assert cfg.muon_shape_factor == "parameter" and not cfg.adam_wd_linear_lr_mult
-    assert not cfg.mask_document_starts and not cfg.fp32_gates and cfg.window_granularity == "token"
-    assert cfg.value_path == "scaled" and cfg.mlp_proj_layout == "transposed" and not cfg.fp32_head
+    assert cfg.optim.muon_shape_factor == "parameter" and not cfg.optim.adam_wd_linear_lr_mult
+    model = cfg.model
+    assert not model.mask_document_starts and not model.fp32_gates and model.window_granularity == "token"
+    assert model.value_path == "scaled" and model.mlp_proj_layout == "transposed" and not model.fp32_head
 
 
 # --- medium track -----------------------------------------------------------------------
@@ -153,19 +155,20 @@ def medium_like(*extra):
     return tiny_cfg("--value-path", "normed", "--sa-lambda-init", "0.5,0.5", "--value-embed-init-std", "1",
                     "--mlp-proj-layout", "out_in", "--fp32-head", "true", "--window-granularity", "block",
                     "--muon-shape-factor", "matrix", "--optimizer", "muon",
-                    "--lr-multipliers", tg.PRESETS["medium"]["lr_multipliers"], *extra)
+                    "--labels", "embed.lr=96,value_embed.lr=96,scalars.lr=4.8,x0_lambdas.lr=4.8,mlp_proj.lr=1", *extra)
 
 
 def test_medium_preset_switches():
     cfg = tg.config_from_args(["--preset", "medium"])
-    assert cfg.value_path == "normed" and cfg.sa_lambda_init == (0.5, 0.5) and cfg.value_embed_init_std == 1.0
-    assert cfg.mlp_proj_layout == "out_in" and cfg.fp32_head and cfg.window_granularity == "block"
-    assert cfg.muon_shape_factor == "matrix"
+    model = cfg.model
+    assert model.value_path == "normed" and model.sa_lambda_init == (0.5, 0.5) and model.value_embed_init_std == 1.0
+    assert model.mlp_proj_layout == "out_in" and model.fp32_head and model.window_granularity == "block"
+    assert cfg.optim.muon_shape_factor == "matrix"
 
 
 def test_medium_v_path(monkeypatch):
     """v = 0.5*rms_norm(x Wv) + 0.5*ve per head (0.5*rms_norm(x Wv) without ve); no output scale."""
-    cfg = medium_like()
+    cfg = medium_like().model
     torch.manual_seed(0)
     model = tg.GPT(cfg)
     seen = []
@@ -178,8 +181,8 @@ def test_medium_v_path(monkeypatch):
     segments = tg.make_segments(torch.tensor([0, T], dtype=torch.int32), T, T)
     lam = model.scalars[model.scalar_slices["qkv"]][0], model.scalars[model.scalar_slices["out"]][0]
     assert (lam[0].item(), lam[1].item()) == (0.5, 0.5)
-    call = lambda value_embed, out_scale: attn(x, value_embed, segments, 64, lam[0], out_scale,  # noqa: E731
-                                               model.rotary, model.attn_scale, False, "sdpa")
+    ctx = model.layer_inputs(torch.zeros(T, dtype=torch.long), segments, (64, 64))
+    call = lambda value_embed, out_scale: attn(x, value_embed, ctx, lam[0], out_scale)  # noqa: E731
     with torch.no_grad():
         out = call(ve, lam[1])
         v_proj = (x @ attn.qkvo[2].T).view(T, heads, hd)
@@ -192,40 +195,40 @@ def test_medium_v_path(monkeypatch):
 
 
 def test_medium_value_embeddings_start_normal():
-    model = tg.GPT(medium_like())
+    model = tg.GPT(medium_like().model)
     for table in model.value_embeds:
         assert table.float().std().item() == pytest.approx(1.0, abs=0.01)
         assert table.float().mean().abs().item() < 0.01
-    assert all((t == 0).all() for t in tg.GPT(tiny_cfg()).value_embeds)  # short record: zeros
+    assert all((t == 0).all() for t in tg.GPT(tiny_cfg().model).value_embeds)  # short record: zeros
 
 
 def test_medium_mlp_output_stored_out_in_gets_lr_factor_1():
     """The record stores the MLP output as (dim x 4 dim): shape factor 1 (not 2), same function."""
     cfg = medium_like()
-    model = tg.GPT(cfg)
+    model = tg.GPT(cfg.model)
     mlp = model.blocks[0].mlp
-    assert mlp.proj.shape == (cfg.model_dim, 4 * cfg.model_dim)
-    muon = tg.OptimizerSet(model, cfg, 0, 1).members[-1]
+    assert mlp.proj.shape == (cfg.model.model_dim, 4 * cfg.model.model_dim)
+    muon = optimizer_set(model, cfg, 0, 1).members[-1]
     scale = {g.params[0].label: g.lr_scale.flatten()[0].item() for g in muon.groups}
     assert scale["mlp_proj"] == 1.0 and scale["mlp_fc"] == 2.0 and scale["attn"] == 1.0
     torch.manual_seed(1)
-    transposed = tg.MLP(tiny_cfg())
+    transposed = tg.MLP(tiny_cfg().model)
     with torch.no_grad():
         transposed.fc.copy_(mlp.fc)
         mlp.proj.normal_()
         transposed.proj.copy_(mlp.proj.T)
-        x = torch.randn(5, cfg.model_dim)
+        x = torch.randn(5, cfg.model.model_dim)
         torch.testing.assert_close(mlp(x), transposed(x))
 
 
 def test_medium_head_is_fp32_and_keeps_small_updates():
     """An fp32 head keeps an Adam step far below bf16's resolution; a bf16 head rounds it away."""
-    model = tg.GPT(medium_like())
+    model = tg.GPT(medium_like().model)
     assert model.lm_head.dtype == torch.float32
-    assert tg.GPT(tiny_cfg("--compute-dtype", "bfloat16")).lm_head.dtype == torch.bfloat16
+    assert tg.GPT(tiny_cfg("--compute-dtype", "bfloat16").model).lm_head.dtype == torch.bfloat16
     for dtype, moves in ((torch.float32, True), (torch.bfloat16, False)):
         head = labelled(torch.full((4, 8), 0.5, dtype=dtype), "lm_head")
-        opt = tg.OptimizerSet(Bag(lm_head=head), short_cfg(adam_every=1, adam_lr=1e-5, adam_wd=0.0), 0, 1)
+        opt = optimizer_set(Bag(lm_head=head), short_cfg(adam_every=1, adam_lr=1e-5, adam_wd=0.0), 0, 1)
         head.grad = torch.ones(4, 8, dtype=dtype)
         opt.step(1, 1.0, 0.9)
         assert bool((head.detach() != 0.5).all()) == moves
@@ -269,5 +272,6 @@ def test_block_windows_pick_flex_on_cuda_and_refuse_varlen():
     cuda = torch.device("cuda")
     assert tg.resolve_attention_backend("auto", cuda, "block") == "flex"
     assert tg.resolve_attention_backend("auto", cuda, "token") == "varlen"
+    assert tg.resolve_attention_backend("auto", "cpu", "block") == "sdpa"
     with pytest.raises(tg.ConfigError, match="varlen has token windows only"):
-        tg.resolve_attention_backend("varlen", cuda, "block")
+        tg.build_config("medium", attention_backend="varlen", device="cuda")

@@ -1,7 +1,6 @@
 """End-to-end training runs of the `test` preset on the shipped sample (CPU, gloo)."""
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -9,21 +8,18 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO
+from conftest import REPO, free_port
+from records import logs
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_log(path):
+    """(text, {step: val_loss}, {step: train_loss}) through the records package's log parser."""
+    run = logs.parse_log(str(path))
     text = open(path, encoding="utf-8", errors="replace").read()
-    val = {int(m[1]): float(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ val_loss:([\d.naninf]+)", text, re.M)}
-    train = {int(m[1]): float(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ train_time.* train_loss:([\d.naninf]+)", text, re.M)}
+    val = {v.step: v.val_loss for v in run.val_steps}
+    train = {s.step: s.train_loss for s in run.train_steps if s.train_loss is not None}
     return text, val, train
 
 
@@ -141,7 +137,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_log(tmp_path, monkeypatch):
     (["--train-files", "nowhere/*.bin"], "error: no train files match 'nowhere/*.bin'"),
     (["--batch-slices", "3"], "error: batch of 512 tokens is not divisible into --batch-slices 3"),
     (["--preset", "galaxy"], "error: unknown preset 'galaxy'"),
-    (["--window-pattern", "SL"], "error: --window-pattern 'SL' needs one character per layer"),
+    (["--window-pattern", "SL"], "error: --window-pattern 'SL': needs one character per layer"),
     (["--orthogonalizer", "qr"], "error: --orthogonalizer 'qr': choose one of"),
 ])
 def test_bad_input_fails_before_training_with_one_line(tmp_path, extra, message):
