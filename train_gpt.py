@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 def setting(default, *, choices=(), check=None, parse=None, show=None, help: str = ""):
     """A config field. choices: the allowed values (or a function returning them, for registries
     defined in later sections); check: (predicate, message); parse(text, current) turns command-line
-    text into the field's value, show(value) turns it back (default: by the default's type)."""
+    text into the field's value (default: by the current value's type); show(value) prints it (default: repr)."""
     metadata = {"choices": choices, "check": check, "parse": parse, "show": show, "help": help}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
@@ -150,12 +150,6 @@ def parse_label_overrides(text: str, table: dict) -> dict:
             raise ConfigError(f"--labels {text!r}: {item!r} is not a number (betas: b1/b2)") from None
         updated[label] = dataclasses.replace(updated[label], **{key: parsed})
     return updated
-
-
-def show_labels(table: dict) -> str:
-    return ",".join(f"{label}.optimizer={r.optimizer},{label}.lr={r.lr:g},{label}.wd={r.wd:g}"
-                    + (f",{label}.betas={r.betas[0]:g}/{r.betas[1]:g}" if r.betas else "")
-                    for label, r in table.items())
 
 
 @dataclass
@@ -269,7 +263,7 @@ class OptimizerConfig:
     # normuon | muon (no variance reduction) | adamw (plain AdamW on everything, the baseline)
     optimizer: str = setting("normuon", choices=("normuon", "muon", "adamw"))
     # Which optimiser each parameter label gets, with its lr/wd multipliers and Adam betas (LabelRule).
-    labels: dict = setting(SHORT_TRACK_LABELS, parse=parse_label_overrides, show=show_labels,
+    labels: dict = setting(SHORT_TRACK_LABELS, parse=parse_label_overrides,
                            help="overrides of the preset's label table: label.key=value,... "
                                 "(keys optimizer, lr, wd, betas as b1/b2), e.g. value_embed.lr=80")
     # cautious: decay wd*lr*eff_lr where update and weight do not have opposite signs (short record);
@@ -464,10 +458,12 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             if f.name == "preset":
                 continue
             default = getattr(getattr(defaults, group), f.name)
-            shown = (f.metadata.get("show") or repr)(default)
+            table = isinstance(default, dict)  # the label table: too long to print, and set by the preset
+            shown = "the preset's table" if table else (f.metadata.get("show") or repr)(default)
             extra = f.metadata.get("help", "")
-            section.add_argument("--" + f.name.replace("_", "-"), "--" + f.name, dest=f.name, default=None,
-                                 metavar=type(default).__name__.upper(),
+            flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
+            section.add_argument(*flags, dest=f.name, default=None,
+                                 metavar="LABEL.KEY=VALUE,..." if table else type(default).__name__.upper(),
                                  help=f"default {shown}" + (f"; {extra}" if extra else ""))
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -591,6 +591,7 @@ def gathered(per_rank, rows):
 WORLD_TOLERANCE = {"recipe": 0.1, "adamw": 0.03, "recipe_compiled_style": 0.1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("config", list(WORLD_CONFIGS))
 def test_same_training_for_any_world_size(world_runs, world_size, config):
@@ -612,6 +613,7 @@ def test_same_training_for_any_world_size(world_runs, world_size, config):
                 assert scale > 0 and error < 0.05 * scale, (key, i, error / scale)
 
 
+@pytest.mark.slow
 def test_hooks_launch_communication_during_the_last_backward(world_runs):
     """Adam groups only on their stepping (odd) steps and not while paused; Muon every step."""
     assert not any(any(any(flags) for flags in step) for step in world_runs[1][0]["recipe"]["launched"])

@@ -183,14 +183,15 @@ def test_one_sample_stats_match_scipy():
     assert f"std {x.std(ddof=1):.6f}" in text
 
 
-def test_spec_medium_record_interval():
-    # SPEC: 160 runs, mean 2.919547, std 0.000798 -> 99% t-interval (2.919383, 2.919712).
+def test_medium_record_published_interval():
+    # The medium record (2025-09-30) publishes: 160 runs, mean 2.919547, std 0.000798 -> 99% t-interval
+    # (2.919383, 2.919712).
     half = sps.t.ppf(0.995, 159) * 0.000798 / math.sqrt(160)
     rng = np.random.default_rng(0)
     z = rng.standard_normal(160)
     x = 2.919547 + 0.000798 * (z - z.mean()) / z.std(ddof=1)
     s = stats.summarize(x)
-    # The SPEC's figures are rounded, so its upper bound sits on a rounding edge.
+    # The published figures are rounded, so the upper bound sits on a rounding edge.
     assert s.ci == pytest.approx((2.919383, 2.919712), abs=1.5e-6)
     assert s.ci[1] - s.ci[0] == pytest.approx(2 * half)
 
