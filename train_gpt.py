@@ -1,12 +1,12 @@
 """GPT speedrun trainer: the whole recipe in one file.
 
 Sections, in data-flow order:
-  1. Configuration and presets
-  2. Data: shard format, BOS-aligned training loader, validation loader, synthetic data
-  3. Model: attention backends, FP8 head, GPT
+  1. Configuration and presets: settings grouped by owner, label tables, one check of everything
+  2. Data: shard format, BOS-aligned and contiguous training loaders, validation, synthetic data, prefetch
+  3. Model: attention backends, FP8 head, layers, GPT
   4. Orthogonalisation: Newton-Schulz, Polar Express, Triton kernels
-  5. Optimisers: Muon/NorMuon, DistAdam, Snoo, the optimiser set
-  6. Schedules: batch size, window, learning rate, momentum
+  5. Optimisers: the GroupOptimizer interface, DistAdam, Muon/NorMuon, Snoo, the optimiser set
+  6. Schedules: Schedule.at(step) -> batch, windows, lr, momentum and transition events
   7. Logging
   8. Checkpoints
   9. Training loop and entry point
@@ -414,6 +414,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def config_value(cfg: Config, name: str):
+    """A field's value by its flat name."""
+    return getattr(getattr(cfg, CONFIG_FIELDS[name][0]), name)
+
+
 def preset_config(preset: str) -> Config:
     """A preset's settings, not yet checked."""
     if preset not in PRESETS:
@@ -427,8 +432,9 @@ def with_overrides(cfg: Config, **overrides) -> Config:
     """A copy of cfg with flat-named fields replaced (typed values; not checked)."""
     groups = {name: getattr(cfg, name) for name in CONFIG_GROUPS}
     for name in overrides:
-        if name not in CONFIG_FIELDS:
-            raise ConfigError(f"unknown config field {name!r}")
+        if name not in CONFIG_FIELDS or name == "preset":
+            raise ConfigError(f"unknown config field {name!r}" if name != "preset" else
+                              "the preset is chosen by build_config(preset) or --preset, not overridden")
     for group in CONFIG_GROUPS:
         mine = {k: v for k, v in overrides.items() if CONFIG_FIELDS[k][0] == group}
         if mine:
@@ -471,8 +477,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
                           + ", ".join(name for name in CONFIG_FIELDS if name != "preset"))
     texts = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     base = preset_config(args.preset or "short")
-    overrides = {name: parse_flag(name, text, getattr(getattr(base, CONFIG_FIELDS[name][0]), name))
-                 for name, text in texts.items()}
+    overrides = {name: parse_flag(name, text, config_value(base, name)) for name, text in texts.items()}
     if "train_files" in texts and args.preset is None and "long_documents" not in texts:
         # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
         overrides["long_documents"] = "continue"
@@ -512,12 +517,12 @@ def flat_config(cfg: Config) -> dict:
 def check_config(cfg: Config) -> None:
     """Every check that does not depend on the world size, once, as a one-line ConfigError."""
     def fail(name: str, message: str):
-        value = getattr(getattr(cfg, CONFIG_FIELDS[name][0]), name)
+        value = config_value(cfg, name)
         shown = (CONFIG_FIELDS[name][1].metadata.get("show") or repr)(value)
         raise ConfigError(f"--{name.replace('_', '-')} {shown}: {message}")
 
-    for name, (group, f) in CONFIG_FIELDS.items():
-        value = getattr(getattr(cfg, group), name)
+    for name, (_, f) in CONFIG_FIELDS.items():
+        value = config_value(cfg, name)
         choices = f.metadata.get("choices") or ()
         choices = choices() if callable(choices) else choices
         if choices and value not in choices:
@@ -536,7 +541,7 @@ def check_config(cfg: Config) -> None:
                           "(one validation chunk per forward)")
     for name, count in (("batch_tokens_stages", 0), ("long_window_blocks_stages", 0), ("lr_stage_multipliers", 0),
                         ("sa_lambda_init", 2), ("fp8_scales", 3), ("adamw_betas", 2)):
-        value = getattr(getattr(cfg, CONFIG_FIELDS[name][0]), name)
+        value = config_value(cfg, name)
         if (count and len(value) != count) or not value:
             fail(name, f"expects {count or 'at least one'} comma-separated value(s)")
     if not all(0.0 <= b < 1.0 for b in optim.adamw_betas):
