@@ -3051,7 +3051,7 @@ class TrainingRun:
         if not math.isfinite(val_loss):
             raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
         self.log(f"step:{step}/{self.schedule.total_steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                 f"step_avg:{train_time_ms / max(step - self.start_step, 1):.2f}ms")
+                 f"step_avg:{train_time_ms / max(step, 1):.2f}ms")  # a resumed run's time includes the steps before
         self.clock.start()
         return val_loss
 
@@ -3067,7 +3067,7 @@ class TrainingRun:
                 raise TrainingDiverged(f"training loss is {train_loss} at step {done}; stopping (log kept)")
             loss_text = f"train_loss:{train_loss:.4f} "
         elapsed_ms = self.clock.elapsed_ms()
-        step_avg = elapsed_ms / (done - self.start_step)
+        step_avg = elapsed_ms / done
         line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
                 f"{loss_text}eta:{step_avg * (steps - done) / 1000:.0f}s")
         if self.peak is not None:

@@ -18,14 +18,16 @@ import subprocess
 import sys
 
 from . import folders, stats
-from .logs import FORMAT_UPSTREAM, LogError, RunLog, load_runs, log_paths, parse_log, script_bytes
+from .logs import (FORMAT_UPSTREAM, LogError, RunLog, folder_script_note, load_runs, log_paths, parse_log,
+                   script_bytes)
 
 # Options of train_gpt.py that reproduce sets itself, so a rerun never writes over a log.
 OWN_OPTIONS = ("--run-id", "--run_id", "--log-dir", "--log_dir")
 # Results, then every input that shaped them, so a JSON line can be recomputed on its own.
 JSON_KEYS = ("n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems",
              "time_mean", "time_std", "time_ci99", "ms_per_iter", "boot_frac_below_001",
-             "losses", "times_ms", "iterations", "boot_resamples", "boot_sample_size", "boot_seed", "sources")
+             "losses", "times_ms", "iterations", "step_counts", "distinct_scripts", "boot_resamples",
+             "boot_sample_size", "boot_seed", "sources")
 
 
 class UsageError(ValueError):
@@ -122,6 +124,8 @@ def cmd_stats(args) -> int:
                                 sample_size=args.sample_size, seed=args.seed)
     if args.sources:
         result["sources"] = [r.path for r in runs]
+        result["step_counts"] = [r.timed_steps for r in runs]
+        result["distinct_scripts"] = len({r.script_sha256 for r in runs})
     if args.json:
         print(json.dumps({k: result[k] for k in JSON_KEYS if k in result}))
     else:
@@ -133,6 +137,8 @@ def cmd_stats(args) -> int:
 
 def cmd_diff(args) -> int:
     a, b = script_bytes(args.a), script_bytes(args.b)
+    for note in filter(None, (folder_script_note(args.a), folder_script_note(args.b))):
+        print(note, file=sys.stderr)
     if a == b:
         print(f"identical scripts ({len(a)} bytes)", file=sys.stderr)
         return 0

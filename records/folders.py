@@ -49,7 +49,8 @@ def folder_target(folder: str, runs: list[RunLog]) -> float:
 
 
 def iterations_of(runs: list[RunLog]) -> int | None:
-    steps = {run.final_steps for run in runs}
+    """The timed step count the runs share (None when they differ or a log lacks it)."""
+    steps = {run.timed_steps for run in runs}
     return steps.pop() if len(steps) == 1 and None not in steps else None
 
 
@@ -90,8 +91,8 @@ def render_readme(folder: str, track: str, name: str, date: str, runs: list[RunL
                         "is modded-nanogpt's usual launch; the script writes its own logs/<uuid>.txt."]
     rows = []
     for run in runs:
-        steps = run.final_steps
-        ms_per_step = f"{run.final_train_time_ms / steps:.2f}" if steps else "n/a"
+        steps, timed = run.final_steps, run.timed_steps
+        ms_per_step = f"{run.final_train_time_ms / timed:.2f}" if timed else "n/a"
         rows.append(f"| {run.run_id} | {run.seed if run.seed is not None else 'n/a'} | {steps or 'n/a'} | "
                     f"{run.final_val_loss:.4f} | {run.final_train_time_ms / 1000:.2f} | {ms_per_step} |")
     return "\n".join([
@@ -115,7 +116,7 @@ def render_readme(folder: str, track: str, name: str, date: str, runs: list[RunL
         "## Hardware",
         "",
         f"- device: {hardware(runs)}",
-        f"- world size: {first.world_size if first.world_size is not None else 'n/a'}",
+        f"- world size: {first.world_size or first.gpus or 'n/a'}",
         f"- software: {versions or 'n/a'}",
         "",
         "## Results",

@@ -146,6 +146,16 @@ class RunLog:
         return self._int_header("gpus")
 
     @property
+    def timed_steps(self) -> int | None:
+        """The steps the final train time covers: the final validation's train_time / step_avg (a
+        modded-nanogpt log leaves its first 10 steps off the clock), else the step count."""
+        last = self.val_steps[-1] if self.val_steps else None
+        if (last is not None and last.step == self.final_steps and last.step_avg_ms and last.train_time_ms
+                and self.final_train_time_ms is not None):
+            return round(last.train_time_ms / last.step_avg_ms)
+        return self.final_steps
+
+    @property
     def format_description(self) -> str:
         return f"{self.format} log" + (f" ({self.variant})" if self.variant else "")
 
@@ -401,7 +411,7 @@ def script_bytes(path: str) -> bytes:
             logs = log_paths(path, required=False)
             if not logs:
                 raise LogError(f"{path}: record folder has no train_gpt.py and no .txt logs")
-            return parse_log(logs[0]).script
+            return parse_log(logs[0]).script  # folder_script_note says when the other logs differ
         path = script
     try:
         with open(path, "rb") as f:
@@ -411,6 +421,18 @@ def script_bytes(path: str) -> bytes:
     if path.endswith(".py"):
         return data
     return split_any(data, path)[0]
+
+
+def folder_script_note(path: str) -> str | None:
+    """For a folder without train_gpt.py whose logs embed different scripts: which one stands for it."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "train_gpt.py")):
+        return None
+    runs = [parse_log(p) for p in log_paths(path, required=False)]
+    distinct = list(dict.fromkeys(run.script_sha256 for run in runs))
+    if len(distinct) < 2:
+        return None
+    return (f"note: {path}: its {len(runs)} logs embed {len(distinct)} different scripts; "
+            f"this is the first log's, {os.path.basename(runs[0].path)}")
 
 
 def log_paths(source: str, required: bool = True) -> list[str]:

@@ -150,8 +150,13 @@ def format_record_stats(s: dict) -> str:
                 f"std {fmt(s['time_std'], '.5f')} min ({fmt(std_s, '.2f')} s)  "
                 f"99% CI ({fmt(tci[0], '.5f')}, {fmt(tci[1], '.5f')}) min")
         if "ms_per_iter" in s:
-            line += f"  {s['ms_per_iter']:.2f} ms/iter over {s['iterations']} iterations"
+            line += f"  {s['ms_per_iter']:.2f} ms/iter over {s['iterations']} timed iterations"
+        elif len(set(s.get("step_counts") or ())) > 1:
+            line += f"  ms/iter: n/a (the runs time different step counts: {sorted(set(s['step_counts']))})"
         lines.append(line)
+    if s.get("distinct_scripts", 1) > 1:
+        lines.append(f"warning: these {s['n']} logs embed {s['distinct_scripts']} different scripts; a record holds "
+                     "runs of one script (`new` refuses them)")
     if "boot_frac_below_001" in s:
         lines.append(f"bootstrap: {100 * s['boot_frac_below_001']:.1f}% of {s['boot_resamples']} resamples of "
                      f"{s['boot_sample_size']} runs have p < 0.01 (seed {s['boot_seed']})")

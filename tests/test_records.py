@@ -239,7 +239,7 @@ def test_stats_cli_json_and_text(capsys):
     assert result["ms_per_iter"] == pytest.approx(np.mean(times) / 2000)
     assert result["boot_frac_below_001"] == stats.bootstrap_fraction_below(LOSSES, 3.28, 300, 4, 7)
     code, out, _ = run_cli(capsys, *args)
-    assert code == 0 and "p = " in out and "ms/iter over 2000 iterations" in out and "bootstrap:" in out
+    assert code == 0 and "p = " in out and "ms/iter over 2000 timed iterations" in out and "bootstrap:" in out
     code, out, _ = run_cli(capsys, "stats", "--values", *LOSSES, "--target", 3.28, "--json")
     assert set(json.loads(out)) == {"n", "mean", "std", "ci99", "p_value", "target", "meets_rule", "problems",
                                     "losses"}
@@ -564,16 +564,18 @@ NVIDIA_SMI = "\n".join(["+------------------------------------------------------
 
 
 def upstream_log_text(script=UPSTREAM_SCRIPT, val=(10.8258, 4.1, 3.2781), time_ms=98765.0, total=1750,
-                      early=False, finished=True):
+                      early=False, finished=True, untimed=0):
     """A synthetic log in modded-nanogpt's format: the newer one (script, then a '=' line, as print() writes it),
-    or with early=True the 2024 one (script framed by '=' lines, train_loss on step lines)."""
+    or with early=True the 2024 one (script framed by '=' lines, train_loss on step lines). untimed: steps
+    left off the clock at the start (step_avg = train_time / (step - untimed)), as many upstream logs do."""
     sep = "=" * 100
     lines = ["Running Python 3.12.7 (main, Oct  1 2024) [GCC 11.4.0]",
              "Running PyTorch 2.9.0.dev20250713+cu126 compiled for CUDA 12.6", NVIDIA_SMI, sep]
     steps = [0, total // 2, total] if finished else [0, total // 2]
     for i, step in enumerate(steps):
         t = time_ms * step / total
-        lines.append(f"step:{step}/{total} val_loss:{val[i]:.4f} train_time:{t:.0f}ms step_avg:{t / max(step, 1):.2f}ms")
+        lines.append(f"step:{step}/{total} val_loss:{val[i]:.4f} train_time:{t:.0f}ms "
+                     f"step_avg:{t / max(step - untimed, 1):.2f}ms")
         if step < total:
             train = f" train_loss:{val[i] - 0.1:.4f}" if early else ""
             lines.append(f"step:{step + 1}/{total}{train} train_time:{t + 50:.0f}ms step_avg:{(t + 50) / (step + 1):.2f}ms")
@@ -683,6 +685,32 @@ def test_new_imports_upstream_logs(tmp_path, capsys):
     assert "verdict: meets the record rule" in readme and "cuda: 8x NVIDIA H100 80GB HBM3" in readme
     code, out, _ = run_cli(capsys, "stats", folder, "--json")
     assert json.loads(out)["target"] == 3.28  # kept in the README
+
+
+def test_upstream_timed_steps_mixed_scripts_and_world_size(tmp_path, capsys):
+    """Real modded-nanogpt logs leave their first 10 steps off the clock: ms/iter divides by the timed steps
+    the log's own step_avg implies. A folder mixing two scripts is pooled by stats with a warning, and diff
+    says which log stands for it."""
+    a = tmp_path / "A"
+    write_upstream_runs(a, [3.2781, 3.2790], [98765, 98100], untimed=10)
+    code, out, err = run_cli(capsys, "stats", a, "--target", 3.28, "--json")
+    s = json.loads(out)
+    assert s["iterations"] == 1740 and s["ms_per_iter"] == pytest.approx(np.mean([98765, 98100]) / 1740)
+    assert s["step_counts"] == [1740, 1740] and s["distinct_scripts"] == 1
+    mixed = tmp_path / "M"
+    write_upstream_runs(mixed, [3.2781], [98765], untimed=10)
+    other = upstream_log_text(script=UPSTREAM_SCRIPT.replace(b"100", b"80"), time_ms=99000, total=1760, untimed=10)
+    (mixed / "99999999-1111-2222-3333-444444444444.txt").write_bytes(other)
+    code, out, _ = run_cli(capsys, "stats", mixed, "--target", 3.28)
+    assert code == 0 and "warning: these 2 logs embed 2 different scripts" in out
+    assert "ms/iter: n/a (the runs time different step counts: [1740, 1750])" in out
+    code, out, err = run_cli(capsys, "diff", mixed, a)
+    assert code == 0 and f"note: {mixed}: its 2 logs embed 2 different scripts; this is the first log's, 00000000-" in err
+    code, _, err = run_cli(capsys, "new", "--track", "short", "--name", "Up", "--target", 3.28, "--allow-not-significant",
+                           "--records-dir", tmp_path / "recs", *sorted(str(p) for p in a.iterdir()))
+    readme = next((tmp_path / "recs" / "short").iterdir()) / "README.md"
+    text = readme.read_text()
+    assert code == 0 and "- world size: 8" in text and f"| {98765 / 1740:.2f} |" in text
 
 
 # --- verdicts, inputs and destinations ------------------------------------------------
