@@ -72,6 +72,13 @@ POSITIVE = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
 FRACTION = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+NON_EMPTY = (lambda v: len(v) > 0, "expects at least one comma-separated value(s)")
+BETAS = (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "expects two betas in [0, 1)")
+
+
+def exactly(count: int) -> tuple:
+    """A check: the tuple holds `count` values."""
+    return (lambda v: len(v) == count, f"expects {count} comma-separated value(s)")
 
 
 def parse_skips(text: str, current=None) -> tuple:
@@ -140,7 +147,7 @@ def parse_label_overrides(text: str, table: dict) -> dict:
     for item in filter(None, (part.strip() for part in text.split(","))):
         target, sep, value = item.partition("=")
         label, _, key = target.partition(".")
-        if not sep or label not in updated or key not in ("optimizer", "lr", "wd", "betas"):
+        if not sep or label not in updated or key not in {f.name for f in fields(LabelRule)}:
             raise ConfigError(f"--labels {text!r}: expected 'label.key=value,...' with a label of "
                               f"{', '.join(PARAMETER_LABELS)} and a key of optimizer, lr, wd, betas; got {item!r}")
         try:
@@ -233,7 +240,7 @@ class ModelConfig:
     yarn_beta: float = 32.0  # ... and those with more than this are kept
     yarn_attn_gain: float = 0.2  # attention scale *= 1 + gain * ln(new_window / old_window)
     resid_lambda_init: float = 1.1
-    sa_lambda_init: tuple = (0.5, 1.0)  # scales of the QKV and O projections (value_path normed: of v and ve)
+    sa_lambda_init: tuple = setting((0.5, 1.0), check=exactly(2))  # QKV and O scales (value_path normed: v and ve)
     # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
     # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
     value_path: str = setting("scaled", choices=("scaled", "normed"))
@@ -252,9 +259,9 @@ class ModelConfig:
     head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
-    fp8_scales: tuple = (100 / 448, 1.5 / 448, 0.75 / 448)  # fixed scales of x, w and the logit gradient
+    fp8_scales: tuple = setting((100 / 448, 1.5 / 448, 0.75 / 448), check=exactly(3))  # x, w, logit gradient
     # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
-    attention_backend: str = setting("auto", choices=("auto", "varlen", "flex", "sdpa"))
+    attention_backend: str = setting("auto", choices=lambda: ("auto", *ATTENTION_BACKENDS))
     compute_dtype: str = setting("bfloat16", choices=("bfloat16", "float32"))  # activations, embeddings, head
 
 
@@ -300,7 +307,7 @@ class OptimizerConfig:
     muon_smoothing_steps: int = setting(0, check=NON_NEGATIVE)
     # The adamw baseline: one lr/betas/wd for every parameter, decoupled wd, every step.
     adamw_lr: float = setting(0.0018, check=POSITIVE)
-    adamw_betas: tuple = (0.9, 0.95)
+    adamw_betas: tuple = setting((0.9, 0.95), check=BETAS)
     adamw_wd: float = setting(0.1, check=NON_NEGATIVE)
     # Snoo outer optimiser: after inner steps 1, 1+K, 1+2K, ... pull a slow copy along with Nesterov momentum.
     snoo: bool = False
@@ -313,14 +320,14 @@ class OptimizerConfig:
 class ScheduleConfig:
     num_iterations: int = setting(1960, check=POSITIVE)  # scheduled steps
     extension_iterations: int = setting(40, check=NON_NEGATIVE)  # extra steps at the final batch/window
-    batch_tokens_stages: tuple = (131_072, 262_144, 393_216)  # one per equal part of the scheduled steps
+    batch_tokens_stages: tuple = setting((131_072, 262_144, 393_216), check=NON_EMPTY)  # one per equal part
     batch_tokens_extension: int = 393_216
-    long_window_blocks_stages: tuple = (3, 7, 11)  # one per stage
+    long_window_blocks_stages: tuple = setting((3, 7, 11), check=NON_EMPTY)  # one per stage
     long_window_blocks_extension: int = 13
     long_window_blocks_final_val: int = 20
     window_schedule: str = setting("stages", choices=("stages", "cubic"))  # cubic: the medium track's growth
     window_cubic_max_tokens: int = 3456
-    lr_stage_multipliers: tuple = (1.0, 1.51, 1.93)
+    lr_stage_multipliers: tuple = setting((1.0, 1.51, 1.93), check=NON_EMPTY)
     cooldown_frac: float = 0.55
     lr_min_frac: float = 0.1
     momentum_warmup_steps: int = setting(300, check=NON_NEGATIVE)
@@ -481,9 +488,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     if "train_files" in texts and args.preset is None and "long_documents" not in texts:
         # The user's own files: use every token. A record run on FineWeb elsewhere names its preset.
         overrides["long_documents"] = "continue"
-    cfg = with_overrides(base, **overrides)
-    check_config(cfg)
-    return cfg
+    return build_config(base.run.preset, **overrides)
 
 
 def parse_flag(name: str, text: str, current):
@@ -539,13 +544,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--val-tokens {data.val_tokens} must be a multiple of --val-batch-tokens "
                           f"{data.val_batch_tokens}, itself a multiple of --batch-slices {data.batch_slices} "
                           "(one validation chunk per forward)")
-    for name, count in (("batch_tokens_stages", 0), ("long_window_blocks_stages", 0), ("lr_stage_multipliers", 0),
-                        ("sa_lambda_init", 2), ("fp8_scales", 3), ("adamw_betas", 2)):
-        value = config_value(cfg, name)
-        if (count and len(value) != count) or not value:
-            fail(name, f"expects {count or 'at least one'} comma-separated value(s)")
-    if not all(0.0 <= b < 1.0 for b in optim.adamw_betas):
-        fail("adamw_betas", "expects two betas in [0, 1)")
 
     layers = model.num_layers
     for name in ("window_pattern", "value_embed_pattern"):
@@ -576,8 +574,7 @@ def check_config(cfg: Config) -> None:
                               + ", ".join(LABEL_OPTIMIZERS))
         if not (math.isfinite(rule.lr) and math.isfinite(rule.wd) and rule.lr >= 0 and rule.wd >= 0):
             raise ConfigError(f"--labels {label}: the lr and wd multipliers must be finite and >= 0")
-        if rule.optimizer != "muon" and not (rule.betas is not None and len(rule.betas) == 2
-                                             and all(0.0 <= b < 1.0 for b in rule.betas)):
+        if rule.optimizer != "muon" and not (rule.betas is not None and BETAS[0](rule.betas)):
             raise ConfigError(f"--labels {label}.betas: an Adam label needs two betas in [0, 1), as b1/b2")
 
 
@@ -2536,6 +2533,11 @@ class Schedule:
         self.cfg, self.window_block = cfg, window_block
         self.total_steps = cfg.num_iterations + cfg.extension_iterations
 
+    @classmethod
+    def of(cls, cfg: Config) -> Schedule:
+        """The schedule of a run (windows are counted in the model's blocks)."""
+        return cls(cfg.schedule, cfg.model.window_block)
+
     def stage_index(self, step: int) -> int:
         """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
         stages = len(self.cfg.batch_tokens_stages)
@@ -2985,7 +2987,7 @@ class TrainingRun:
                  device: torch.device):
         self.cfg, self.log, self.loader, self.val_batches = cfg, log, loader, val_batches
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.schedule = Schedule(cfg.schedule, cfg.model.window_block)
+        self.schedule = Schedule.of(cfg)
         self.raw_model = GPT(cfg.model, device)
         self.model = self.raw_model
         self.compiled = cfg.run.compile and (device.type == "cuda" or cfg.run.compile_cpu)

@@ -150,8 +150,7 @@ class RunLog:
         """The steps the final train time covers: the final validation's train_time / step_avg (a
         modded-nanogpt log leaves its first 10 steps off the clock), else the step count."""
         last = self.val_steps[-1] if self.val_steps else None
-        if (last is not None and last.step == self.final_steps and last.step_avg_ms and last.train_time_ms
-                and self.final_train_time_ms is not None):
+        if last is not None and last.step == self.final_steps and last.step_avg_ms and last.train_time_ms:
             return round(last.train_time_ms / last.step_avg_ms)
         return self.final_steps
 

@@ -23,11 +23,6 @@ def optimizer_set(model, cfg, rank=0, world_size=1, **kwargs):
     return tg.OptimizerSet(model, cfg.optim, rank, world_size, schedule_steps=cfg.schedule.num_iterations, **kwargs)
 
 
-def schedule_of(cfg) -> "tg.Schedule":
-    return tg.Schedule(cfg.schedule, cfg.model.window_block)
-
-
 def with_short(model_cfg, long_window: int) -> tuple[int, int]:
-    """(long, short) windows with the schedule's rule: short = half the long window's blocks, rounded down."""
-    block = model_cfg.window_block
-    return long_window, long_window // block // 2 * block
+    """(long, short) windows with the schedule's rule for the short one."""
+    return long_window, tg.Schedule(tg.ScheduleConfig(), model_cfg.window_block).short_window(long_window)

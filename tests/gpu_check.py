@@ -121,7 +121,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def schedule_windows(preset: str) -> list[int]:
     """Every window (long and short, in tokens) a preset's schedule uses, its final validation included."""
     cfg = tg.config_from_args(["--preset", preset])
-    schedule = tg.Schedule(cfg.schedule, cfg.model.window_block)
+    schedule = tg.Schedule.of(cfg)
     return sorted({w for step in range(schedule.total_steps) for w in schedule.windows(step)}
                   | set(schedule.final_val_windows()))
 
@@ -231,7 +231,7 @@ def timed_run(cfg: tg.Config, steps_per_stage: int, device=torch.device("cuda", 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model = torch.compile(raw_model, dynamic=False, backend=cfg.run.compile_backend)
     optimizers = tg.OptimizerSet(raw_model, cfg.optim, 0, 1, schedule_steps=cfg.schedule.num_iterations)
-    schedule = tg.Schedule(cfg.schedule, cfg.model.window_block)
+    schedule = tg.Schedule.of(cfg)
     loader = tg.make_train_loader(cfg, 0, 1, device)
     val_batches = tg.make_val_batches(cfg, 0, 1, device)
     t, graphs_at_start = time.perf_counter(), tg.compiled_graph_count()

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import free_port, optimizer_set, schedule_of
+from conftest import free_port, optimizer_set
 
 VOCAB, DIM, HIDDEN, HEADS, SEQ = 70, 16, 64, 2, 8
 
@@ -75,7 +75,7 @@ def batch(step, slices=4, rows=2):
 def train(model, opt, steps, rank=0, world_size=1, slices=4, start=0, pause_at=None, cfg=None, before_step=None):
     """The training loop's protocol: this rank's consecutive micro-batches, loss/num_micro."""
     cfg = cfg or make_cfg()
-    schedule = schedule_of(cfg)
+    schedule = tg.Schedule.of(cfg)
     for step in range(start, start + steps):
         if pause_at is not None and step == pause_at[0]:
             opt.pause_scalars(pause_at[1])

@@ -2,12 +2,11 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import schedule_of
 
 
 @pytest.fixture
 def short():
-    return schedule_of(tg.config_from_args(["--preset", "short"]))
+    return tg.Schedule.of(tg.config_from_args(["--preset", "short"]))
 
 
 def test_short_batch_and_window_stages(short):
@@ -70,7 +69,7 @@ def test_short_window_key_counts_at_every_stage_and_final_validation(short):
 
 
 def test_medium_short_window_is_half_the_blocks_rounded_down():
-    medium = schedule_of(tg.config_from_args(["--preset", "medium"]))
+    medium = tg.Schedule.of(tg.config_from_args(["--preset", "medium"]))
     odd = next(s for s in range(5590) if medium.long_window(s) // 128 % 2 == 1)
     long_blocks = medium.long_window(odd) // 128
     assert medium.short_window(long_blocks * 128) == (long_blocks // 2) * 128
@@ -81,7 +80,7 @@ def test_medium_short_window_is_half_the_blocks_rounded_down():
 
 
 def test_medium_cubic_window_and_linear_cooldown():
-    medium = schedule_of(tg.config_from_args(["--preset", "medium"]))
+    medium = tg.Schedule.of(tg.config_from_args(["--preset", "medium"]))
     for step in (0, 1000, 2795, 4000, 5589):
         x = step / 5590
         tokens = 3456 * (4 * x**3 - 6 * x**2 + 3 * x)
