@@ -262,7 +262,10 @@ class ModelConfig:
     fp8_scales: tuple = setting((100 / 448, 1.5 / 448, 0.75 / 448), check=exactly(3))  # x, w, logit gradient
     # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
     attention_backend: str = setting("auto", choices=lambda: ("auto", *ATTENTION_BACKENDS))
-    compute_dtype: str = setting("bfloat16", choices=("bfloat16", "float32"))  # activations, embeddings, head
+    # activations, embeddings, head and bf16-held gates. auto: bfloat16 on CUDA (the records), float32 on a CPU,
+    # where many processors have no native bf16 and run bf16 matmuls ~70x slower (and results would then
+    # depend on which CPU ran them)
+    compute_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))
 
 
 @dataclass
@@ -300,6 +303,8 @@ class OptimizerConfig:
     normuon_beta2: float = setting(0.95, check=FRACTION)
     orthogonalizer: str = setting("polar_express", choices=lambda: tuple(ORTHOGONALIZERS))
     orthogonalizer_steps: int = setting(5, check=AT_LEAST_ONE)
+    # auto: bfloat16 on CUDA (the records), float32 on a CPU (see compute_dtype)
+    orthogonalize_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))
     # EMA update smoothing u <- s*u + (1-s)*O on the Muon update (0: off). With
     # muon_smoothing_steps > 0, s moves linearly from muon_smoothing_start to muon_smoothing.
     muon_smoothing: float = setting(0.0, check=FRACTION)
@@ -1067,6 +1072,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """A dtype setting ("auto", "bfloat16", "float32") on this device: auto is bfloat16 on CUDA, float32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def labelled(tensor: torch.Tensor, label: str) -> nn.Parameter:
     param = nn.Parameter(tensor)
     param.label = label
@@ -1359,7 +1371,7 @@ class LayerInputs:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool):
+    def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
@@ -1376,7 +1388,7 @@ class Attention(nn.Module):
         self.gate_dims = cfg.gate_dims
         self.output_gate = None
         if cfg.attn_gate:
-            gate_dtype = torch.float32 if cfg.fp32_gates else getattr(torch, cfg.compute_dtype)
+            gate_dtype = torch.float32 if cfg.fp32_gates else dtype
             self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "attn_gate")
             self.output_gate.normalise_columns = (False,)  # per head (row), although the matrix is wide
         self.window_kind, self.shift_keys = window_kind, shift_keys
@@ -1427,10 +1439,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Layer `layer`: attention with its window kind and value embedding (unless the pattern says N), then the MLP."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
-        self.attn = Attention(cfg, kind, cfg.key_shift and kind == "L") if kind != "N" else None
+        self.attn = Attention(cfg, kind, cfg.key_shift and kind == "L", dtype) if kind != "N" else None
         self.value_embed_index = None if table == "." else int(table)
         self.mlp = MLP(cfg)
 
@@ -1457,7 +1469,7 @@ class GPT(nn.Module):
     skip, backout, sigmoid softcap. Medium track: two input embeddings mixed per
     block, 5 value embeddings, three plain skips, rational softcap.
     Built on the CPU (so the initial weights do not depend on the device), then moved to `device`;
-    the attention backend is chosen then, for that device.
+    the attention backend and the compute dtype are chosen then, for that device.
     """
 
     def __init__(self, cfg: ModelConfig, device=None):
@@ -1465,7 +1477,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         L, dim = cfg.num_layers, cfg.model_dim
         vocab = padded_vocab_size(cfg)
-        dtype = getattr(torch, cfg.compute_dtype)
+        self.dtype = dtype = resolve_dtype(cfg.compute_dtype, device or "cpu")
         head = torch.empty(vocab, dim)
         nn.init.normal_(head, std=cfg.head_init_std) if cfg.head_init_std > 0 else nn.init.zeros_(head)
         self.lm_head = labelled(head if cfg.fp32_head else head.to(dtype), "lm_head")
@@ -1479,7 +1491,7 @@ class GPT(nn.Module):
         gate_dtype = torch.float32 if cfg.fp32_gates else dtype
         self.smear_gate = (labelled(torch.zeros(1, cfg.gate_dims, dtype=gate_dtype), "smear_gate")
                            if cfg.smear_gate else None)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, layer, dtype) for layer in range(L))
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
@@ -1514,7 +1526,7 @@ class GPT(nn.Module):
 
     def input_embeddings(self, tokens: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
         tables = ([self.lm_head] if self.cfg.tie_embedding else []) + list(self.embeds)
-        x = F.embedding(tokens, tables[0]).to(getattr(torch, self.cfg.compute_dtype))
+        x = F.embedding(tokens, tables[0]).to(self.dtype)
         if self.smear_gate is not None:  # mix in a gated share of the previous token's embedding
             gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate.type_as(x)))
             previous = shift_to_next_position(x, segments, self.cfg.mask_document_starts)
@@ -1776,10 +1788,11 @@ def gram_polynomial(A: torch.Tensor, b: float, c: float, use_triton="auto") -> t
 
 
 def polynomial_iteration(G: torch.Tensor, coeffs, norm_scale: float, norm_eps: float,
-                         use_triton="auto") -> torch.Tensor:
+                         use_triton="auto", dtype=torch.bfloat16) -> torch.Tensor:
+    """dtype: what the iteration computes in (bf16 as the records; float32 on CPUs without native bf16)."""
     if G.ndim < 2:
         raise ValueError(f"orthogonalisation needs a matrix, got shape {tuple(G.shape)}")
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
@@ -1794,23 +1807,25 @@ def polynomial_iteration(G: torch.Tensor, coeffs, norm_scale: float, norm_eps: f
     return X.mT if tall else X
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_CLASSIC_COEFFS, use_triton="auto") -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_CLASSIC_COEFFS, use_triton="auto",
+                  dtype=torch.bfloat16) -> torch.Tensor:
     """Quintic Newton-Schulz (classic Muon): fixed or per-iteration coefficients."""
     coeffs = tuple(coeffs)
     return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.0, 1e-7,
-                                use_triton)
+                                use_triton, dtype)
 
 
-def newton_schulz_per_iteration(G: torch.Tensor, steps: int = 5, use_triton="auto") -> torch.Tensor:
+def newton_schulz_per_iteration(G: torch.Tensor, steps: int = 5, use_triton="auto",
+                                dtype=torch.bfloat16) -> torch.Tensor:
     """Newton-Schulz with the medium record's per-iteration coefficients."""
-    return newton_schulz(G, steps, NS_PER_ITERATION_COEFFS, use_triton)
+    return newton_schulz(G, steps, NS_PER_ITERATION_COEFFS, use_triton, dtype)
 
 
-def polar_express(G: torch.Tensor, steps: int = 5, use_triton="auto") -> torch.Tensor:
+def polar_express(G: torch.Tensor, steps: int = 5, use_triton="auto", dtype=torch.bfloat16) -> torch.Tensor:
     """Polar Express (Amsel et al. 2025): per-iteration optimal coefficients, 2% norm safety margin."""
     coeffs = POLAR_EXPRESS_COEFFS
     return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.02, 1e-6,
-                                use_triton)
+                                use_triton, dtype)
 
 
 ORTHOGONALIZERS = {
@@ -2146,8 +2161,9 @@ class DistAdam(GroupOptimizer):
 class MuonSettings:
     lr: float
     weight_decay: float
-    orthogonalize: object  # ORTHOGONALIZERS entry, called as (G, steps)
+    orthogonalize: object  # ORTHOGONALIZERS entry, called as (G, steps, dtype=...)
     orthogonalize_steps: int = 5
+    orthogonalize_dtype: str = "auto"  # resolved on the parameters' device (resolve_dtype)
     wd_style: str = "cautious"
     shape_factor: str = "parameter"  # parameter | matrix: what sqrt(max(1, rows/cols)) is taken of
     variance_reduction: bool = True  # NorMuon
@@ -2303,6 +2319,7 @@ class Muon(GroupOptimizer):
                 raise ValueError(f"parameter {entry.name!r} (label {p.label!r}) is not a matrix: shape {tuple(p.shape)}")
             by_shape.setdefault(tuple(p.shape[-2:]), []).append(entry)
         self.groups = [MuonShapeGroup(shape, group, settings, rank, world_size) for shape, group in by_shape.items()]
+        self.orthogonalize_dtype = resolve_dtype(settings.orthogonalize_dtype, entries[0].param.device)
         self.units, self.unit_of = self.groups, {id(p): g for g in self.groups for p in g.params}
 
     def params(self) -> list:
@@ -2314,7 +2331,8 @@ class Muon(GroupOptimizer):
 
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
-        update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps).float()
+        update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps,
+                                 dtype=self.orthogonalize_dtype).float()
         if s.variance_reduction:
             update = normuon_rescale(update, group.row_moment, group.col_moment, s.beta2, group.per_column)
         if group.smoothed is not None:  # zero-initialised, no bias correction
@@ -2441,7 +2459,8 @@ class OptimizerSet:
             adam = AdamSettings(lr=cfg.adam_lr, weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
                                 wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
             muon = MuonSettings(lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
-                                orthogonalize_steps=cfg.orthogonalizer_steps, wd_style=cfg.wd_style,
+                                orthogonalize_steps=cfg.orthogonalizer_steps,
+                                orthogonalize_dtype=cfg.orthogonalize_dtype, wd_style=cfg.wd_style,
                                 shape_factor=cfg.muon_shape_factor, variance_reduction=cfg.optimizer == "normuon",
                                 beta2=cfg.normuon_beta2, smoothing=cfg.muon_smoothing,
                                 smoothing_start=cfg.muon_smoothing_start, smoothing_steps=cfg.muon_smoothing_steps)
@@ -2699,6 +2718,29 @@ def nvidia_smi() -> str:
     return "\n" + "\n".join("  " + line for line in out.rstrip().splitlines())
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16/AMX); without it bf16 matmuls run ~70x slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compute_lines(cfg: Config, device: torch.device) -> list[str]:
+    """The log's statement of what the run computes in, and a warning when bf16 will crawl on this CPU."""
+    compute = resolve_dtype(cfg.model.compute_dtype, device)
+    orthogonalize = resolve_dtype(cfg.optim.orthogonalize_dtype, device)
+    native = cpu_has_native_bf16()
+    lines = [f"compute: {str(compute).removeprefix('torch.')} (--compute-dtype {cfg.model.compute_dtype}), "
+             f"orthogonalisation {str(orthogonalize).removeprefix('torch.')} "
+             f"(--orthogonalize-dtype {cfg.optim.orthogonalize_dtype})",
+             f"cpu: capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native else 'no'}"]
+    if device.type == "cpu" and not native and torch.bfloat16 in (compute, orthogonalize):
+        lines.append("warning: bfloat16 on a CPU without native bf16: its matmuls run ~70x slower than float32 "
+                     "here; --compute-dtype float32 --orthogonalize-dtype float32 (the CPU default) avoids that")
+    return lines
+
+
 def write_log_header(log: RunLogger, cfg: Config, argv: list[str], world_size: int, device: torch.device) -> None:
     with open(os.path.abspath(__file__), "rb") as f:
         log.write_script(f.read())
@@ -2711,6 +2753,7 @@ def write_log_header(log: RunLogger, cfg: Config, argv: list[str], world_size: i
         f"torch: {torch.__version__}",
         f"triton: {triton.__version__ if triton is not None else 'not installed'}",
         f"device: {device_description(device, world_size)}",
+        *compute_lines(cfg, device),
         f"nvidia-smi: {nvidia_smi()}",
         f"config: {json.dumps(flat_config(cfg))}",
     ]

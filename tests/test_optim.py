@@ -1,6 +1,7 @@
 """Optimisers (section 5): each step against a plain reference written here, world-size
 invariance over gloo processes, pause, Snoo, smoothing and exact state round trips."""
 import copy
+import functools
 import dataclasses
 import math
 import os
@@ -240,15 +241,17 @@ MUON_SHAPES = {"attn": ((4, DIM, DIM), "attn"), "gate": ((HEADS, 12), "attn_gate
                "fc": ((HIDDEN, DIM), "mlp_fc"), "proj": ((HIDDEN, DIM), "mlp_proj")}
 
 
-@pytest.mark.parametrize("optimizer, smoothing", [("normuon", None), ("muon", (0.5, 0.2, 2))])
-def test_muon_steps_match_reference(optimizer, smoothing):
+@pytest.mark.parametrize("optimizer, smoothing, orth_dtype", [("normuon", None, "auto"),
+                                                              ("muon", (0.5, 0.2, 2), "bfloat16")])
+def test_muon_steps_match_reference(optimizer, smoothing, orth_dtype):
+    """orth_dtype auto: float32 on a CPU; bfloat16 as the records compute on CUDA."""
     g = torch.Generator().manual_seed(3)
     model = Bag(**{n: (torch.randn(*shape, generator=g) * 0.3, label) for n, (shape, label) in MUON_SHAPES.items()})
     model.attn.normalise_columns, model.gate.normalise_columns = (False, False, False, True), (False,)  # as GPT sets
     start = params_of(model)
     extra = dict(muon_smoothing=smoothing[1], muon_smoothing_start=smoothing[0], muon_smoothing_steps=smoothing[2]) \
         if smoothing else {}
-    cfg = make_cfg(optimizer=optimizer, muon_lr=0.05, muon_wd=3.0, **extra)
+    cfg = make_cfg(optimizer=optimizer, muon_lr=0.05, muon_wd=3.0, orthogonalize_dtype=orth_dtype, **extra)
     opt = optimizer_set(model, cfg, 0, 1)
     steps, lr_mults, momenta = 4, [1.0, 1.5, 0.7, 1.2], [0.85, 0.9, 0.95, 0.95]
     grads = [random_grads(model, 10 + t) for t in range(steps)]
@@ -258,7 +261,8 @@ def test_muon_steps_match_reference(optimizer, smoothing):
         assert all(p.grad is None for p in model.parameters())
     sched = (lambda t: smoothing[0] + (smoothing[1] - smoothing[0]) * min(t / smoothing[2], 1)) if smoothing \
         else (lambda t: 0.0)
-    orth = tg.ORTHOGONALIZERS[cfg.optim.orthogonalizer]
+    dtype = torch.float32 if orth_dtype == "auto" else torch.bfloat16
+    orth = functools.partial(tg.ORTHOGONALIZERS[cfg.optim.orthogonalizer], dtype=dtype)
     for name, (_, label) in MUON_SHAPES.items():
         # The fused (4, DIM, DIM) QKVO takes its lr factor as one (4*DIM x DIM) parameter; NorMuon
         # normalises the O stored transposed per column and the wide gate per row.
@@ -288,7 +292,7 @@ def test_normuon_rescale_keeps_norm_and_equalises_rows():
 def test_smoothing_on_scalar_toy_matches_hand_computation():
     """A 1x1 matrix with a constant gradient and momentum 0: every orthogonalised update is the
     same constant c, so u_t = s*u_{t-1} + (1-s)*c is computable by hand."""
-    c = tg.ORTHOGONALIZERS["polar_express"](torch.ones(1, 1, 1), 5).float().item()
+    c = tg.ORTHOGONALIZERS["polar_express"](torch.ones(1, 1, 1), 5, dtype=torch.float32).item()  # auto on CPU
     for s_start, s_end, ramp, expected_sum in [(0.5, 0.5, 0, 0.5 + 0.75 + 0.875),
                                                (0.5, 0.2, 2, 0.5 + 0.825 + 0.965)]:
         # ramp: s = 0.5, 0.35, 0.2 -> u = 0.5c, 0.35*0.5c + 0.65c = 0.825c, 0.2*0.825c + 0.8c = 0.965c
@@ -469,7 +473,7 @@ def test_snoo_on_scalar_matches_hand_computation():
 def test_snoo_in_the_optimiser_set_pulls_back_after_the_first_step():
     model = Bag(w=(torch.ones(1, 1), "mlp_fc"))
     opt = optimizer_set(model, make_cfg(optimizer="muon", muon_lr=0.1, muon_wd=0.0, snoo=True, snoo_every=3), 0, 1)
-    c = tg.ORTHOGONALIZERS["polar_express"](torch.ones(1, 1, 1), 5).float().item()
+    c = tg.ORTHOGONALIZERS["polar_express"](torch.ones(1, 1, 1), 5, dtype=torch.float32).item()  # auto on CPU
     model.w.grad = torch.ones(1, 1)
     opt.step(0, 1.0, 0.0)
     # inner: 1 - 0.1c; outer: delta = 0.1c, d = 0.137c, w = 1 - 0.68*0.137c

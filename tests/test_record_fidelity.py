@@ -135,7 +135,8 @@ def test_gate_normalised_per_row_differs_from_per_column():
 
 @pytest.mark.parametrize("fp32_gates, dtype", [(False, torch.bfloat16), (True, torch.float32)])
 def test_gates_held_in_bf16_as_the_record(fp32_gates, dtype):
-    model = tg.GPT(tg.config_from_args(["--preset", "test", "--fp32-gates", str(fp32_gates)]).model)
+    model = tg.GPT(tg.config_from_args(["--preset", "test", "--fp32-gates", str(fp32_gates),
+                                         "--compute-dtype", "bfloat16"]).model)
     assert model.smear_gate.dtype == dtype and model.blocks[0].attn.output_gate.dtype == dtype
 
 
