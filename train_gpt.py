@@ -257,7 +257,8 @@ class ModelConfig:
     # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
     softcap: str = setting("sigmoid", choices=("sigmoid", "rational", "none"))
     head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
-    fp8_head: bool = True  # FP8 lm_head matmuls on CUDA (bf16 elsewhere)
+    fp8_head: bool = True  # FP8 lm_head matmuls on CUDA in training (bf16 elsewhere)
+    fp8_head_in_validation: bool = False  # variant: FP8 for validation logits too (the record: a plain bf16 matmul)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = setting((100 / 448, 1.5 / 448, 0.75 / 448), check=exactly(3))  # x, w, logit gradient
     # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
@@ -286,7 +287,13 @@ class OptimizerConfig:
     adam_eps: float = setting(1e-8, check=POSITIVE)
     adam_wd: float = setting(0.005, check=NON_NEGATIVE)
     adam_every: int = setting(2, check=AT_LEAST_ONE)  # Adam groups step every N steps (gradients summed)
-    adam_bf16_moments: bool = True  # moments stored in bf16, update math in fp32
+    # Adam moments stored in bf16 whatever the parameter (short record), in the parameter's dtype (medium
+    # record's torch AdamW: fp32 for the fp32 head, scalars and x0 lambdas), or fp32; update math is fp32.
+    adam_moment_dtype: str = setting("bfloat16", choices=("bfloat16", "param", "float32"))
+    # True (short record): eps joins sqrt(v) before the bias corrections, which go into the step size:
+    # m/(sqrt(v)+eps) * sqrt(1-b2^t)/(1-b1^t). False: textbook m_hat/(sqrt(v_hat)+eps) (torch's AdamW, the
+    # medium record). They differ where sqrt(v) is near eps (4x for tiny gradients early on).
+    adam_eps_before_correction: bool = True
     # Adam research switches; they apply to every Adam group, the adamw baseline too.
     adam_bias_correction: bool = True
     adam_moment_init: str = setting("zeros", choices=("zeros", "first_grad"))  # first_grad: m0 = g0, v0 = g0^2
@@ -305,12 +312,16 @@ class OptimizerConfig:
     orthogonalizer_steps: int = setting(5, check=AT_LEAST_ONE)
     # auto: bfloat16 on CUDA (the records), float32 on a CPU (see compute_dtype)
     orthogonalize_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))
+    # Labels whose orthogonalisation rounds B@X and then adds a*X (two roundings, the short record's MLP
+    # path); the others use one fused multiply-add (baddbmm).
+    orthogonalize_split_update: tuple = setting(("mlp_fc", "mlp_proj"), parse=lambda text, current: tuple(
+        filter(None, (part.strip() for part in text.split(",")))), show=",".join)
     # EMA update smoothing u <- s*u + (1-s)*O on the Muon update (0: off). With
     # muon_smoothing_steps > 0, s moves linearly from muon_smoothing_start to muon_smoothing.
     muon_smoothing: float = setting(0.0, check=FRACTION)
     muon_smoothing_start: float = setting(0.0, check=FRACTION)
     muon_smoothing_steps: int = setting(0, check=NON_NEGATIVE)
-    # The adamw baseline: one lr/betas/wd for every parameter, decoupled wd, every step.
+    # The adamw baseline: one lr/betas/wd for every parameter, decoupled wd, every step, textbook eps.
     adamw_lr: float = setting(0.0018, check=POSITIVE)
     adamw_betas: tuple = setting((0.9, 0.95), check=BETAS)
     adamw_wd: float = setting(0.1, check=NON_NEGATIVE)
@@ -351,6 +362,10 @@ class LoopConfig:
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # a checkpoint directory written by --checkpoint-every
     warmup_steps: int = setting(10, check=NON_NEGATIVE)  # untimed compile/warm-up steps, state restored afterwards
+    # sum: each micro-batch's summed token losses (short record); mean: averaged over the step's tokens, as the
+    # medium record's per-rank mean loss averaged over ranks. Only Adam's eps sees the difference (65,536x
+    # larger relative to the gradient under mean on the medium track); Muon normalises it away.
+    train_loss_reduction: str = setting("sum", choices=("sum", "mean"))
 
 
 @dataclass
@@ -382,6 +397,7 @@ PRESETS: dict[str, dict] = {
             softcap="rational", head_init_std=0.0, fp8_head=False),
         "optim": dict(
             optimizer="muon", labels=MEDIUM_TRACK_LABELS, adam_lr=1 / 320, adam_eps=1e-10, adam_wd=0.0,
+            adam_moment_dtype="param", adam_eps_before_correction=False, orthogonalize_split_update=(),
             adam_every=1, muon_lr=0.03, muon_wd=0.01, wd_style="decoupled", muon_shape_factor="matrix",
             orthogonalizer="newton_schulz_per_iteration", muon_smoothing=0.2,
             snoo=True, snoo_every=28, snoo_lr=0.68, snoo_momentum=0.37),
@@ -391,7 +407,7 @@ PRESETS: dict[str, dict] = {
             window_schedule="cubic", window_cubic_max_tokens=3456, long_window_blocks_final_val=27,
             lr_stage_multipliers=(1.0,), cooldown_frac=0.7, lr_min_frac=0.01,
             momentum_warmup_steps=300, momentum_cooldown_steps=0, scalar_pause_steps=0),
-        "loop": dict(val_every=125),
+        "loop": dict(val_every=125, train_loss_reduction="mean"),
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         "run": dict(target_val_loss=5.9),
@@ -571,6 +587,10 @@ def check_config(cfg: Config) -> None:
     if model.attention_backend == "flex" and on_cpu:
         fail("attention_backend", FLEX_ON_CPU)
 
+    unknown = set(optim.orthogonalize_split_update) - set(PARAMETER_LABELS)
+    if unknown:
+        fail("orthogonalize_split_update", f"unknown label(s) {', '.join(sorted(unknown))}; labels are "
+                                           + ", ".join(PARAMETER_LABELS))
     if set(optim.labels) != set(PARAMETER_LABELS):
         raise ConfigError(f"--labels: the table must hold exactly the labels {', '.join(PARAMETER_LABELS)}")
     for label, rule in optim.labels.items():
@@ -1230,6 +1250,11 @@ def resolve_attention_backend(name: str, device, granularity: str = "token") -> 
 # The forward accumulates fast (use_fast_accum), as the record does; the backward does not.
 
 
+def fp8_supported(x: torch.Tensor) -> bool:
+    """Whether the FP8 head runs for this input: on CUDA, with a row count _scaled_mm accepts."""
+    return x.is_cuda and x.size(0) % 16 == 0
+
+
 def to_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     limit = torch.finfo(dtype).max
     return (x.float() / scale).clamp(-limit, limit).to(dtype)
@@ -1573,8 +1598,11 @@ class GPT(nn.Module):
         return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, windows))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft-capped fp32 logits. FP8 only while training (gradients on), as the record: its
+        validation logits come from a plain bf16 matmul."""
         cfg = self.cfg
-        if cfg.fp8_head and x.is_cuda and x.size(0) % 16 == 0:
+        training = torch.is_grad_enabled() or cfg.fp8_head_in_validation
+        if cfg.fp8_head and training and fp8_supported(x):
             z = fp8_linear(x, self.lm_head, *cfg.fp8_scales)[0]
         else:
             z = F.linear(x, self.lm_head.type_as(x))
@@ -1788,8 +1816,10 @@ def gram_polynomial(A: torch.Tensor, b: float, c: float, use_triton="auto") -> t
 
 
 def polynomial_iteration(G: torch.Tensor, coeffs, norm_scale: float, norm_eps: float,
-                         use_triton="auto", dtype=torch.bfloat16) -> torch.Tensor:
-    """dtype: what the iteration computes in (bf16 as the records; float32 on CPUs without native bf16)."""
+                         use_triton="auto", dtype=torch.bfloat16, split_update: bool = False) -> torch.Tensor:
+    """dtype: what the iteration computes in (bf16 as the records; float32 on CPUs without native bf16).
+    split_update: X <- B X rounded, then + a X rounded again (the short record's MLP path); else one
+    fused multiply-add."""
     if G.ndim < 2:
         raise ValueError(f"orthogonalisation needs a matrix, got shape {tuple(G.shape)}")
     X = G.to(dtype)
@@ -1802,30 +1832,31 @@ def polynomial_iteration(G: torch.Tensor, coeffs, norm_scale: float, norm_eps: f
     use_triton = triton_wanted(X, use_triton)
     for a, b, c in coeffs:
         B = gram_polynomial(gram(X, use_triton), b, c, use_triton)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        X = torch.bmm(B, X).add_(X, alpha=a) if split_update else torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return X.mT if tall else X
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_CLASSIC_COEFFS, use_triton="auto",
-                  dtype=torch.bfloat16) -> torch.Tensor:
+                  dtype=torch.bfloat16, split_update: bool = False) -> torch.Tensor:
     """Quintic Newton-Schulz (classic Muon): fixed or per-iteration coefficients."""
     coeffs = tuple(coeffs)
     return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.0, 1e-7,
-                                use_triton, dtype)
+                                use_triton, dtype, split_update)
 
 
 def newton_schulz_per_iteration(G: torch.Tensor, steps: int = 5, use_triton="auto",
-                                dtype=torch.bfloat16) -> torch.Tensor:
+                                dtype=torch.bfloat16, split_update: bool = False) -> torch.Tensor:
     """Newton-Schulz with the medium record's per-iteration coefficients."""
-    return newton_schulz(G, steps, NS_PER_ITERATION_COEFFS, use_triton, dtype)
+    return newton_schulz(G, steps, NS_PER_ITERATION_COEFFS, use_triton, dtype, split_update)
 
 
-def polar_express(G: torch.Tensor, steps: int = 5, use_triton="auto", dtype=torch.bfloat16) -> torch.Tensor:
+def polar_express(G: torch.Tensor, steps: int = 5, use_triton="auto", dtype=torch.bfloat16,
+                  split_update: bool = False) -> torch.Tensor:
     """Polar Express (Amsel et al. 2025): per-iteration optimal coefficients, 2% norm safety margin."""
     coeffs = POLAR_EXPRESS_COEFFS
     return polynomial_iteration(G, [coeffs[min(i, len(coeffs) - 1)] for i in range(steps)], 1.02, 1e-6,
-                                use_triton, dtype)
+                                use_triton, dtype, split_update)
 
 
 ORTHOGONALIZERS = {
@@ -1864,6 +1895,7 @@ class ParamEntry:
     wd_mult: float = 1.0
     betas: tuple | None = None  # Adam's (beta1, beta2)
     normalise_columns: tuple | None = None  # NorMuon: per matrix, normalise columns (None: decide by shape)
+    split_update: bool = False  # Muon: orthogonalise with the split multiply-add (polynomial_iteration)
 
 
 def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor):
@@ -1996,7 +2028,8 @@ class AdamSettings:
     eps_schedule: str = "constant"
     eps_end: float = 1e-8
     schedule_steps: int = 1  # the epsilon schedule runs over this many steps
-    bf16_moments: bool = True
+    moment_dtype: str = "bfloat16"  # bfloat16 | float32 | param (the parameter's own dtype)
+    eps_before_correction: bool = True  # m/(sqrt(v)+eps)*sqrt(c2)/c1 (short record); else m_hat/(sqrt(v_hat)+eps)
 
     def eps_at(self, step: int) -> float:
         """Epsilon grows over training (a decaying step size): linear, or geometric in log space."""
@@ -2016,14 +2049,15 @@ def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     first = t == 1 and s.moment_init == "first_grad"
     m, v = exp_avg.float(), exp_avg_sq.float()
     v = grad.square() if first else v.lerp_(grad.square(), 1 - beta2)
-    v_hat = v / (1 - beta2**t) if s.bias_correction else v
+    c1, c2 = (1 - beta1**t, 1 - beta2**t) if s.bias_correction else (1.0, 1.0)
+    # sqrt(v_hat) + eps (textbook), or (sqrt(v) + eps) / sqrt(c2): eps joins sqrt(v) before the correction.
+    denominator = (v.sqrt() + eps) / math.sqrt(c2) if s.eps_before_correction else v.sqrt() / math.sqrt(c2) + eps
     # Nested EMA normalises first and then averages; standard Adam averages first.
-    target = grad / (v_hat.sqrt() + eps) if s.nested_ema else grad
+    target = grad / denominator if s.nested_ema else grad
     m = target.clone() if first else m.lerp_(target, 1 - beta1)
-    m_hat = m / (1 - beta1**t) if s.bias_correction else m
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    return m_hat if s.nested_ema else m_hat / (v_hat.sqrt() + eps)
+    return m / c1 if s.nested_ema else m / c1 / denominator
 
 
 class AdamSlot:
@@ -2046,7 +2080,7 @@ class AdamSlot:
             self.owned = min(self.rows, self.start + self.rows_per_rank) - self.start
         else:
             self.rows_per_rank, self.padded_rows, self.start, self.owned = self.rows, self.rows, 0, self.rows
-        moment_dtype = torch.bfloat16 if settings.bf16_moments else torch.float32
+        moment_dtype = param.dtype if settings.moment_dtype == "param" else getattr(torch, settings.moment_dtype)
         self.exp_avg = torch.zeros(self.rows_per_rank, self.cols, dtype=moment_dtype, device=param.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.work = None  # reduction in flight
@@ -2218,6 +2252,11 @@ class MuonShapeGroup:
     def __init__(self, shape: tuple, entries: list[ParamEntry], settings: MuonSettings, rank: int, world_size: int):
         self.rows, self.cols = shape
         self.world_size = world_size
+        split = {entry.split_update for entry in entries}
+        if len(split) > 1:
+            raise ValueError(f"Muon matrices of shape {shape} disagree on the split orthogonal update "
+                             "(--orthogonalize-split-update): they are orthogonalised as one batch")
+        self.split_update = split.pop()
         self.params, self.segments = [], []  # segments: (param, first, end) index range in the stack
         lr_scales, wd_mults, per_column = [], [], []
         for entry in entries:
@@ -2332,7 +2371,7 @@ class Muon(GroupOptimizer):
     def direction(self, group: MuonShapeGroup, grad: torch.Tensor, momentum: float, smoothing: float) -> torch.Tensor:
         s = self.settings
         update = s.orthogonalize(nesterov_input(grad, group.momentum_buffer, momentum), s.orthogonalize_steps,
-                                 dtype=self.orthogonalize_dtype).float()
+                                 dtype=self.orthogonalize_dtype, split_update=group.split_update).float()
         if s.variance_reduction:
             update = normuon_rescale(update, group.row_moment, group.col_moment, s.beta2, group.per_column)
         if group.smoothed is not None:  # zero-initialised, no bias correction
@@ -2444,20 +2483,21 @@ class OptimizerSet:
         adam_options = dict(eps=cfg.adam_eps, bias_correction=cfg.adam_bias_correction,
                             moment_init=cfg.adam_moment_init, nested_ema=cfg.adam_nested_ema,
                             eps_schedule=cfg.adam_eps_schedule, eps_end=cfg.adam_eps_end,
-                            schedule_steps=schedule_steps, bf16_moments=cfg.adam_bf16_moments)
+                            schedule_steps=schedule_steps, moment_dtype=cfg.adam_moment_dtype)
         self.scalar_adam = None
         if cfg.optimizer == "adamw":
             settings = AdamSettings(lr=cfg.adamw_lr, weight_decay=cfg.adamw_wd, wd_style="decoupled", every=1,
-                                    **adam_options)
+                                    eps_before_correction=False, **adam_options)
             entries = [ParamEntry(n, p, betas=cfg.adamw_betas) for n, p, _ in named]
             self.members: list[GroupOptimizer] = [DistAdam(entries, settings, rank, world_size)]
         else:
             def entries(kind):
                 return [ParamEntry(n, p, cfg.labels[label].lr, cfg.labels[label].wd, cfg.labels[label].betas,
-                                   getattr(p, "normalise_columns", None))
+                                   getattr(p, "normalise_columns", None), label in cfg.orthogonalize_split_update)
                         for n, p, label in named if cfg.labels[label].optimizer == kind]
             adam = AdamSettings(lr=cfg.adam_lr, weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
-                                wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, **adam_options)
+                                wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult,
+                                eps_before_correction=cfg.adam_eps_before_correction, **adam_options)
             muon = MuonSettings(lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
                                 orthogonalize_steps=cfg.orthogonalizer_steps,
                                 orthogonalize_dtype=cfg.orthogonalize_dtype, wd_style=cfg.wd_style,
@@ -2593,9 +2633,9 @@ class Schedule:
                 self.short_window(self.long_window(self.total_steps - 1)))
 
     def val_windows(self, step: int) -> tuple[int, int]:
-        """A validation before step `step` uses the windows the previous step trained with; the final one
-        final_val_windows."""
-        return self.final_val_windows() if step == self.total_steps else self.windows(max(step - 1, 0))
+        """A validation before step `step` uses that step's windows (the step's transitions, YaRN among them,
+        are applied first, as the records do); the final one final_val_windows."""
+        return self.final_val_windows() if step == self.total_steps else self.windows(step)
 
     def lr_multiplier(self, step: int) -> float:
         """Stage multiplier held flat, then a linear cooldown towards lr_min_frac over the last cooldown_frac."""
@@ -2921,16 +2961,18 @@ def evaluate(model: nn.Module, batches: list[MicroBatch], windows: tuple[int, in
 
 
 def train_step(model, optimizers: OptimizerSet, micro_batches: list[MicroBatch], plan: StepPlan,
-               max_seqlen: int) -> torch.Tensor:
+               max_seqlen: int, reduction: str = "sum") -> torch.Tensor:
     """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed
-    loss as a device tensor (not read here: reading it would wait for the GPU every step)."""
+    loss as a device tensor (not read here: reading it would wait for the GPU every step).
+    reduction "mean" differentiates each micro-batch's mean token loss instead of its sum."""
     loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
     for i, mb in enumerate(micro_batches):
         optimizers.prepare_backward(plan.step, last_micro_step=i == len(micro_batches) - 1)
         loss = micro_batch_loss(model, mb, plan.windows, max_seqlen)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
-        # gradient the same for every world size.
-        (loss / len(micro_batches)).backward()
+        # gradient the same for every world size (the global mean under "mean": slices are equal).
+        tokens = mb.targets.numel() if reduction == "mean" else 1
+        (loss / (len(micro_batches) * tokens)).backward()
         loss_sum += loss.detach()
     optimizers.step(plan.step, plan.lr_multiplier, plan.momentum)
     return loss_sum
@@ -2958,7 +3000,8 @@ def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Confi
         shape = schedule.at(first)
         for _ in range(per_shape):
             plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows)
-            train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len)
+            train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len,
+                       cfg.loop.train_loss_reduction)
             step += 1
     for windows in schedule.all_val_windows(cfg.loop.val_every):
         evaluate(model, val_batches[:1], windows, 1, train_micro_batch_tokens(cfg))
@@ -3063,14 +3106,15 @@ class TrainingRun:
         val_loss = float("nan")
         self.clock.start()
         for step in range(self.start_step, steps + 1):
+            plan = self.schedule.at(step) if step < steps else None
+            if plan is not None:  # before a validation at this step, as the records (it then sees the new YaRN)
+                apply_transitions(plan, self.raw_model, self.optimizers, cfg.schedule.scalar_pause_steps)
             if step == steps or (cfg.loop.val_every > 0 and step % cfg.loop.val_every == 0):
                 val_loss = self.validate(step)
             if step == steps:
                 break
-            plan = self.schedule.at(step)
-            apply_transitions(plan, self.raw_model, self.optimizers, cfg.schedule.scalar_pause_steps)
             loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens), plan,
-                                  cfg.data.max_seq_len)
+                                  cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
             self.log_step(plan, loss_sum)
             done = step + 1
             if cfg.loop.checkpoint_every > 0 and done % cfg.loop.checkpoint_every == 0 and done < steps:

@@ -262,8 +262,10 @@ def test_muon_steps_match_reference(optimizer, smoothing, orth_dtype):
     sched = (lambda t: smoothing[0] + (smoothing[1] - smoothing[0]) * min(t / smoothing[2], 1)) if smoothing \
         else (lambda t: 0.0)
     dtype = torch.float32 if orth_dtype == "auto" else torch.bfloat16
-    orth = functools.partial(tg.ORTHOGONALIZERS[cfg.optim.orthogonalizer], dtype=dtype)
     for name, (_, label) in MUON_SHAPES.items():
+        # The record's MLP path rounds B@X before adding a*X; the others fuse the two.
+        orth = functools.partial(tg.ORTHOGONALIZERS[cfg.optim.orthogonalizer], dtype=dtype,
+                                 split_update=label in ("mlp_fc", "mlp_proj"))
         # The fused (4, DIM, DIM) QKVO takes its lr factor as one (4*DIM x DIM) parameter; NorMuon
         # normalises the O stored transposed per column and the wide gate per row.
         expected = reference_muon(start[name], [gr[name] for gr in grads], lr_mults, momenta, lr=0.05, wd=3.0,
@@ -310,17 +312,25 @@ def test_smoothing_on_scalar_toy_matches_hand_computation():
 
 
 def reference_adam(w, grads, lr_mults, steps, *, lr, betas, eps_at, wd, label_lr, label_wd, bias_correction=True,
-                   first_grad=False, nested=False, cautious=True, linear_lr_mult=False):
+                   first_grad=False, nested=False, cautious=True, linear_lr_mult=False, eps_before_correction=True):
     b1, b2 = betas
     w, m, v = w.clone().float(), torch.zeros_like(w).float(), torch.zeros_like(w).float()
     for t, (g, lr_mult, step) in enumerate(zip(grads, lr_mults, steps), start=1):
         g, eps = g.float(), eps_at(step)
+        c1, c2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
         v = g * g if (first_grad and t == 1) else b2 * v + (1 - b2) * g * g
-        v_hat = v / (1 - b2**t) if bias_correction else v
-        x = g / (torch.sqrt(v_hat) + eps) if nested else g
+        if eps_before_correction:  # the short record: eps joins sqrt(v); the corrections scale the step
+            denominator = (torch.sqrt(v) + eps) / math.sqrt(c2)
+        else:  # textbook: eps after the corrections
+            denominator = torch.sqrt(v / c2) + eps
+        x = g / denominator if nested else g
         m = x if (first_grad and t == 1) else b1 * m + (1 - b1) * x
-        m_hat = m / (1 - b1**t) if bias_correction else m
-        u = m_hat if nested else m_hat / (torch.sqrt(v_hat) + eps)
+        if nested:
+            u = m / c1
+        elif eps_before_correction:
+            u = m / (torch.sqrt(v) + eps) * math.sqrt(c2) / c1
+        else:
+            u = (m / c1) / (torch.sqrt(v / c2) + eps)
         lr_t = lr * lr_mult
         eff_lr = lr_t * label_lr
         if cautious:  # the record: wd * (lr * m)^2; the variant: wd * lr^2 * m
@@ -345,13 +355,15 @@ ADAM_SHAPES = {"head": ((12, 5), "lm_head"), "ve": ((10, 4), "value_embed"), "x0
     dict(adam_nested_ema=True, adam_moment_init="first_grad", adam_bias_correction=False),
     dict(adam_eps=1e-3, adam_eps_schedule="linear", adam_eps_end=1e-1),
     dict(adam_eps=1e-3, adam_eps_schedule="geometric", adam_eps_end=1e-1),
+    dict(adam_eps=1e-1, adam_eps_before_correction=False),
+    dict(adam_eps=1e-1, adam_eps_before_correction=False, adam_nested_ema=True),
     dict(adam_wd_linear_lr_mult=True),
 ])
 def test_adam_steps_match_reference(switches):
     g = torch.Generator().manual_seed(5)
     model = Bag(**{n: (torch.randn(*shape, generator=g) * 0.5, label) for n, (shape, label) in ADAM_SHAPES.items()})
     start = params_of(model)
-    cfg = make_cfg(adam_lr=0.05, adam_wd=4.0, adam_every=1, adam_bf16_moments=False, num_iterations=4, **switches)
+    cfg = make_cfg(adam_lr=0.05, adam_wd=4.0, adam_every=1, adam_moment_dtype="float32", num_iterations=4, **switches)
     opt = optimizer_set(model, cfg, 0, 1)
     lr_mults = [1.0, 1.5, 0.5, 1.2]
     grads = [random_grads(model, 20 + t) for t in range(4)]
@@ -367,7 +379,8 @@ def test_adam_steps_match_reference(switches):
                       label_wd=0.0 if label in ("x0_lambdas", "smear_gate") else 1.0,
                       bias_correction=cfg.optim.adam_bias_correction,
                       first_grad=cfg.optim.adam_moment_init == "first_grad",
-                      nested=cfg.optim.adam_nested_ema, linear_lr_mult=cfg.optim.adam_wd_linear_lr_mult)
+                      nested=cfg.optim.adam_nested_ema, linear_lr_mult=cfg.optim.adam_wd_linear_lr_mult,
+                      eps_before_correction=cfg.optim.adam_eps_before_correction)
         expected = reference_adam(start[name], [gr[name] for gr in grads], lr_mults, range(4), **kwargs)
         torch.testing.assert_close(getattr(model, name).detach(), expected, rtol=2e-5, atol=2e-6, msg=name)
         if name == "head" and not switches:  # the cautious mask matters at this wd, so the test can fail
@@ -383,7 +396,7 @@ def test_plain_adamw_matches_reference_and_bf16_moments_are_close():
         return Bag(**{n: (torch.randn(*shape, generator=g), label) for n, (shape, label) in shapes.items()})
     model, twin = make(), make()
     start = params_of(model)
-    opt = optimizer_set(model, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0, adam_bf16_moments=False), 0, 1)
+    opt = optimizer_set(model, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0, adam_moment_dtype="float32"), 0, 1)
     opt_bf16 = optimizer_set(twin, make_cfg(optimizer="adamw", adamw_lr=0.01, adamw_wd=2.0), 0, 1)
     assert opt_bf16.members[0].slots[0].exp_avg.dtype == torch.bfloat16
     grads = [random_grads(model, 30 + t) for t in range(3)]
@@ -395,7 +408,7 @@ def test_plain_adamw_matches_reference_and_bf16_moments_are_close():
     for name in shapes:
         expected = reference_adam(start[name], [gr[name] for gr in grads], [1.0] * 3, range(3), lr=0.01,
                                   betas=(0.9, 0.95), eps_at=lambda s: 1e-8, wd=2.0, label_lr=1.0, label_wd=1.0,
-                                  cautious=False)
+                                  cautious=False, eps_before_correction=False)
         torch.testing.assert_close(getattr(model, name).detach(), expected, rtol=2e-5, atol=2e-6, msg=name)
         torch.testing.assert_close(getattr(twin, name).detach(), expected, rtol=0, atol=2e-3, msg=name)
 
@@ -405,7 +418,7 @@ def test_adam_every_two_steps_sums_the_gradients():
     model = Bag(head=(torch.randn(12, 5, generator=g), "lm_head"), s=(torch.randn(4, generator=g), "scalars"),
                 fc=(torch.randn(8, 4, generator=g), "mlp_fc"))
     start = params_of(model)
-    opt = optimizer_set(model, make_cfg(adam_every=2, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
+    opt = optimizer_set(model, make_cfg(adam_every=2, adam_moment_dtype="float32", adam_lr=0.05), 0, 1)
     g0, g1 = random_grads(model, 40), random_grads(model, 41)
     set_grads(model, g0)
     opt.step(0, 1.0, 0.9)
@@ -426,7 +439,7 @@ def test_pause_drops_scalar_gradients_and_keeps_moments():
     g = torch.Generator().manual_seed(8)
     model = Bag(s=(torch.randn(6, generator=g), "scalars"), head=(torch.randn(12, 5, generator=g), "lm_head"))
     start = params_of(model)
-    opt = optimizer_set(model, make_cfg(adam_every=1, adam_bf16_moments=False, adam_lr=0.05), 0, 1)
+    opt = optimizer_set(model, make_cfg(adam_every=1, adam_moment_dtype="float32", adam_lr=0.05), 0, 1)
     grads = [random_grads(model, 50 + t) for t in range(5)]
     set_grads(model, grads[0])
     opt.step(0, 1.0, 0.9)

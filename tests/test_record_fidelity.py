@@ -27,6 +27,12 @@ def short_cfg(**overrides):
     return tg.build_config("short", **overrides)
 
 
+def lone_matrix_cfg(**overrides):
+    """The short recipe where a lone "mlp_fc" matrix shares the attention's shape, so they share a Muon batch:
+    both then need the same orthogonal update (the fused one)."""
+    return short_cfg(orthogonalize_split_update=(), **overrides)
+
+
 def tiny_cfg(*extra):
     return tg.config_from_args(["--preset", "test", "--compute-dtype", "float32", *extra])
 
@@ -42,7 +48,7 @@ def test_attention_step_is_twice_a_lone_matrix_step(shape_factor, ratio):
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(dim, dim, generator=g)
     model = Bag(attn=labelled(torch.zeros(4, dim, dim), "attn"), lone=labelled(torch.zeros(dim, dim), "mlp_fc"))
-    cfg = short_cfg(muon_shape_factor=shape_factor, muon_wd=0.0)
+    cfg = lone_matrix_cfg(muon_shape_factor=shape_factor, muon_wd=0.0)
     opt = optimizer_set(model, cfg, 0, 1)
     model.attn.grad, model.lone.grad = grad.expand(4, dim, dim).clone(), grad.clone()
     opt.step(0, 1.0, 0.95)
@@ -59,7 +65,7 @@ def test_attention_decay_uses_the_same_effective_lr(shape_factor, ratio):
     dim = 32
     w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(1))
     model = Bag(attn=labelled(w.expand(4, dim, dim).clone(), "attn"), lone=labelled(w.clone(), "mlp_fc"))
-    cfg = short_cfg(muon_shape_factor=shape_factor)
+    cfg = lone_matrix_cfg(muon_shape_factor=shape_factor)
     opt = optimizer_set(model, cfg, 0, 1)
     model.attn.grad, model.lone.grad = torch.zeros(4, dim, dim), torch.zeros(dim, dim)
     opt.step(0, 1.0, 0.95)
@@ -71,7 +77,7 @@ def test_attention_decay_uses_the_same_effective_lr(shape_factor, ratio):
 def test_short_preset_attention_lr_factor_at_768():
     """The preset's own shapes: the four 768 x 768 attention matrices get factor 2, a lone one 1."""
     model = Bag(attn=labelled(torch.zeros(4, 768, 768), "attn"), lone=labelled(torch.zeros(768, 768), "mlp_fc"))
-    muon = optimizer_set(model, short_cfg(), 0, 1).members[-1]
+    muon = optimizer_set(model, lone_matrix_cfg(), 0, 1).members[-1]
     (group,) = muon.groups  # one shape, one batch of five matrices
     assert group.lr_scale.flatten().tolist() == [2.0, 2.0, 2.0, 2.0, 1.0]
 
@@ -86,7 +92,7 @@ def test_value_embedding_row_without_gradient_is_decayed_by_the_squared_lr(linea
     (fp32 rows here: in bf16 a 0.18% decay is below half a unit in the last place.)"""
     rows = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
     model = Bag(value_embed=labelled(rows.clone(), "value_embed"))
-    cfg = short_cfg(adam_every=1, adam_bf16_moments=False, adam_wd_linear_lr_mult=linear)
+    cfg = short_cfg(adam_every=1, adam_moment_dtype="float32", adam_wd_linear_lr_mult=linear)
     opt = optimizer_set(model, cfg, 0, 1)
     grad = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
     grad[0] = 0  # row 0 not in the batch

@@ -163,5 +163,6 @@ def test_schedule_events_match_the_windows_and_stages(short):
     assert [s for s in range(short.total_steps) if short.at(s).stage_changed] == [654, 1307, 1960]
     plan = short.at(1999)
     assert (plan.batch_tokens, plan.windows, plan.lr_multiplier) == (393_216, (13 * 128, 6 * 128), 0.1)
-    assert short.val_windows(0) == short.windows(0) and short.val_windows(654) == short.windows(653)
+    assert short.val_windows(0) == short.windows(0) and short.val_windows(654) == short.windows(654)
+    assert short.windows(654) != short.windows(653)  # a stage boundary: the validation sees the new windows
     assert short.val_windows(2000) == short.final_val_windows()
