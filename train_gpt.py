@@ -110,34 +110,58 @@ class LabelRule:
 
 LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
-PARAMETER_LABELS = ("lm_head", "embed", "value_embed", "smear_gate", "x0_lambdas", "scalars",
-                    "attn", "attn_gate", "mlp_fc", "mlp_proj")
+PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
+                    "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
     "lm_head":     LabelRule("adam", 1.0, 1.0, (0.65, 0.95)),
+    "untied_embed": LabelRule("adam", 1.0, 1.0, (0.65, 0.95)),  # (not in the record: its embedding stays tied)
     "embed":       LabelRule("adam", 1.0, 1.0, (0.65, 0.95)),
     "value_embed": LabelRule("adam", 75.0, 1.0, (0.65, 0.95)),
     "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),
+    "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.65, 0.95)),
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
+    "value_embed_gate": LabelRule("muon"),  # (not in the record)
     "mlp_fc":      LabelRule("muon"),
     "mlp_proj":    LabelRule("muon", 2.0),
 }
 MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars and x0 lambdas 0.015 (= 4.8x)
     #               optimiser       lr    wd   Adam betas
     "lm_head":     LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),
+    "untied_embed": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (the labels below marked so are not in the record)
     "embed":       LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),
     "value_embed": LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),
-    "smear_gate":  LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),
+    "smear_gate":  LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
+    "skip_gate":   LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
-    "attn_gate":   LabelRule("muon"),
+    "attn_gate":   LabelRule("muon"),  # (not in the record)
+    "value_embed_gate": LabelRule("muon"),  # (not in the record)
     "mlp_fc":      LabelRule("muon", 1.0, 2.0),
     "mlp_proj":    LabelRule("muon", 1.0, 2.0),
+}
+# Medium record 2025-12-31: the short track's recipe at medium size. Adam lr 0.004 (scalars 0.008 x 5 = 0.04,
+# here 10x); decay multipliers 150 (head, untied embedding) and 5 (second embedding, value embeddings).
+MEDIUM_2025_12_31_LABELS = {
+    #               optimiser       lr    wd    Adam betas
+    "lm_head":     LabelRule("adam", 1.0, 150.0, (0.8, 0.95)),
+    "untied_embed": LabelRule("adam", 1.0, 150.0, (0.8, 0.95)),
+    "embed":       LabelRule("adam", 75.0, 5.0, (0.8, 0.95)),
+    "value_embed": LabelRule("adam", 75.0, 5.0, (0.8, 0.95)),
+    "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.8, 0.95)),
+    "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.8, 0.95)),
+    "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.8, 0.95)),
+    "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
+    "attn":        LabelRule("muon"),
+    "attn_gate":   LabelRule("muon", 0.1),
+    "value_embed_gate": LabelRule("muon", 0.1),
+    "mlp_fc":      LabelRule("muon"),
+    "mlp_proj":    LabelRule("muon", 2.0),
 }
 
 
@@ -225,10 +249,18 @@ class ModelConfig:
     value_embed_pattern: str = setting("12......012", check=(lambda v: not set(v) - set(".0123456789"),
                                                              "use a table index or '.' per layer"))
     tie_embedding: bool = True  # the token embedding is the lm_head matrix
+    # > 0: the tied embedding is untied at this fraction of the scheduled steps (the first Adam step from
+    # there on): a separate input table starts as a copy of the head, with its Adam state (medium 2025-12-31: 1/6)
+    untie_embedding_frac: float = setting(0.0, check=FRACTION)
     input_embeds: int = setting(1, check=AT_LEAST_ONE)  # input embeddings mixed into every block's residual
     smear_gate: bool = True  # add a gated share of the previous token's embedding
     attn_gate: bool = True  # per-head sigmoid gate on the attention output
     gate_dims: int = setting(12, check=POSITIVE)  # leading residual dims that feed the smear and attention gates
+    # v + 2*sigmoid(linear(x[:gate_dims])) * ve per head, instead of v + ve (medium 2025-12-31)
+    value_embed_gate: bool = False
+    # skips weighted sigmoid(lambda) * 2*sigmoid(linear(x0[:gate_dims])) per token (medium 2025-12-31); needs skip_gate sigmoid
+    skip_token_gate: bool = False
+    qkv_init_gain: float = setting(0.5, check=POSITIVE)  # Q, K, V uniform in +-gain*sqrt(3/dim)
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
     # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
     mask_document_starts: bool = False
@@ -254,11 +286,14 @@ class ModelConfig:
     skip_init: float = -1.5
     backout_layer: int = 7  # subtract backout_lambda x this layer's output before the head; -1: off
     backout_init: float = 0.5
-    # sigmoid: 30*sigmoid(z/7.5) | rational: 15z/sqrt(z^2+225) | none
+    # sigmoid: scale*sigmoid((z + offset)/7.5), 30*sigmoid(z/7.5) by default | rational: 15z/sqrt(z^2+225) | none
     softcap: str = setting("sigmoid", choices=("sigmoid", "rational", "none"))
+    softcap_scale: float = setting(30.0, check=POSITIVE)  # medium 2025-12-31: 23
+    softcap_offset: float = 0.0  # medium 2025-12-31: 5
     head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA in training (bf16 elsewhere)
     fp8_head_in_validation: bool = False  # variant: FP8 for validation logits too (the record: a plain bf16 matmul)
+    fp32_train_logits: bool = False  # variant: fp32 training logits (the records round them to bf16 after the softcap)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = setting((100 / 448, 1.5 / 448, 0.75 / 448), check=exactly(3))  # x, w, logit gradient
     # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
@@ -283,6 +318,9 @@ class OptimizerConfig:
     # Adam's cautious decay per step is wd*(lr*m)^2 (m the label's lr multiplier, short record);
     # variant: wd*lr^2*m, the label multiplier not squared (value embeddings decayed 75x less).
     adam_wd_linear_lr_mult: bool = False
+    # Adam's cautious decay only where update and weight have the same strict sign (medium 2025-12-31); the
+    # short record also decays where the update is exactly zero (an embedding row absent from the batch).
+    adam_cautious_strict: bool = False
     adam_lr: float = setting(0.008, check=POSITIVE)
     adam_eps: float = setting(1e-8, check=POSITIVE)
     adam_wd: float = setting(0.005, check=NON_NEGATIVE)
@@ -342,6 +380,11 @@ class ScheduleConfig:
     long_window_blocks_extension: int = 13
     long_window_blocks_final_val: int = 20
     window_schedule: str = setting("stages", choices=("stages", "cubic"))  # cubic: the medium track's growth
+    short_window_max_blocks: int = setting(0, check=NON_NEGATIVE)  # cap on the short window (0: none; medium 12-31: 11)
+    yarn_max_window_blocks: int = setting(0, check=NON_NEGATIVE)  # YaRN only while the long window <= this (0: always)
+    # > 0: multi-token prediction over this fraction of the scheduled steps (medium 2025-12-31: 1/4): targets
+    # t+1, t+2, t+3 weighted 1, 0.5, 0.25->0 over its first third, then t+1, t+2 with 1, 0.5->0, then t+1 alone
+    multi_token_frac: float = setting(0.0, check=FRACTION)
     window_cubic_max_tokens: int = 3456
     lr_stage_multipliers: tuple = setting((1.0, 1.51, 1.93), check=NON_EMPTY)
     cooldown_frac: float = 0.55
@@ -409,6 +452,29 @@ PRESETS: dict[str, dict] = {
             momentum_warmup_steps=300, momentum_cooldown_steps=0, scalar_pause_steps=0),
         "loop": dict(val_every=125, train_loss_reduction="mean"),
     },
+    # Medium record 2025-12-31 "Bulk transfer short track features" (17.35 min, 4740 steps): the short track's
+    # architecture at 16 x 1024 (attention in every layer), gated value embeddings and token-gated skips, an
+    # untied input embedding from 1/6 of training, multi-token prediction over the first quarter, twelve
+    # batch/window stages. docs/record_facts/medium_2025-12-31.md lists the facts.
+    "medium_2025_12_31": {
+        "run": dict(target_val_loss=2.92),
+        "data": dict(max_seq_len=4096),
+        "model": dict(
+            num_layers=16, model_dim=1024, num_heads=8, head_dim=128,
+            window_pattern="LSSSLSSSSSSLSSSL", value_embed_pattern="01234......01234",
+            input_embeds=2, untie_embedding_frac=1 / 6, gate_dims=16, value_embed_gate=True,
+            skip_connections=((9, 6), (10, 4), (11, 2)), skip_token_gate=True, backout_layer=11,
+            resid_lambda_init=1.05, qkv_init_gain=1.0, softcap_scale=23.0, softcap_offset=5.0, fp8_head=False),
+        "optim": dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True, muon_lr=0.015),
+        "schedule": dict(
+            num_iterations=4700, extension_iterations=40,
+            batch_tokens_stages=(131_072, 262_144, 393_216) + (524_288,) * 9, batch_tokens_extension=524_288,
+            long_window_blocks_stages=(3, 7, 11, 13, 15, 17, 19, 21, 23, 23, 23, 23),
+            long_window_blocks_extension=23, long_window_blocks_final_val=27,
+            short_window_max_blocks=11, yarn_max_window_blocks=13,
+            lr_stage_multipliers=(1.0, 1.52, 1.73) + (2.0,) * 9, cooldown_frac=0.7, lr_min_frac=0.1,
+            multi_token_frac=0.25, scalar_pause_steps=0),
+    },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         "run": dict(target_val_loss=5.9),
         # The 50,304-wide logits dominate a CPU step, so batches are small.
@@ -424,6 +490,27 @@ PRESETS: dict[str, dict] = {
                          long_window_blocks_stages=(2, 3, 4), long_window_blocks_extension=4,
                          long_window_blocks_final_val=6,
                          momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=10),
+        "loop": dict(val_every=25, warmup_steps=0),
+    },
+    "medium_2025_12_31_cpu": {  # the medium_2025_12_31 recipe at the cpu preset's size, on data/sample
+        "run": dict(target_val_loss=5.9),
+        "data": dict(train_files="data/sample/tinyshakespeare_train_*.bin",
+                     val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
+                     max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096),
+        "model": dict(
+            num_layers=6, model_dim=128, num_heads=2, head_dim=64, window_block=64,
+            window_pattern="LSSLSL", value_embed_pattern="01..01", input_embeds=2, untie_embedding_frac=1 / 6,
+            gate_dims=16, value_embed_gate=True, skip_connections=((4, 1), (5, 0)), skip_token_gate=True,
+            backout_layer=4, resid_lambda_init=1.05, qkv_init_gain=1.0, softcap_scale=23.0, softcap_offset=5.0,
+            fp8_head=False),
+        "optim": dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True, muon_lr=0.015),
+        "schedule": dict(
+            num_iterations=150, extension_iterations=10,
+            batch_tokens_stages=(512, 768, 1024) + (1024,) * 9, batch_tokens_extension=1024,
+            long_window_blocks_stages=(1, 2, 3) + (4,) * 9, long_window_blocks_extension=4,
+            long_window_blocks_final_val=6, short_window_max_blocks=2, yarn_max_window_blocks=3,
+            lr_stage_multipliers=(1.0, 1.52, 1.73) + (2.0,) * 9, cooldown_frac=0.7, lr_min_frac=0.1,
+            multi_token_frac=0.25, momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=0),
         "loop": dict(val_every=25, warmup_steps=0),
     },
     "test": {  # the smallest model of the same architecture, for the test suite
@@ -579,6 +666,13 @@ def check_config(cfg: Config) -> None:
         fail("backout_layer", f"only {layers} layers")
     if model.gate_dims > model.model_dim:
         fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
+    if model.untie_embedding_frac > 0 and not model.tie_embedding:
+        fail("untie_embedding_frac", "needs a tied embedding (--tie-embedding true)")
+    if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
+        fail("untie_embedding_frac", "the untied embedding takes the head's Adam state: --labels lm_head and "
+                                     "untied_embed must both use adam")
+    if model.value_embed_gate and model.value_path != "scaled":
+        fail("value_embed_gate", "gates v + ve on the scaled value path (--value-path scaled)")
     on_cpu = resolve_device_type(cfg.run.device) == "cpu"
     if model.attention_backend == "varlen" and on_cpu:
         fail("attention_backend", "varlen needs a CUDA device; use sdpa or flex on CPU")
@@ -1396,14 +1490,15 @@ class LayerInputs:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype,
+                 has_value_embed: bool = False):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
         # Q, K, V and O (O stored transposed) as one (4, inner, dim) tensor: four
         # same-shaped matrices the optimiser orthogonalises as a batch.
         qkvo = torch.empty(4, inner, dim)
-        bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
+        bound = math.sqrt(3) * cfg.qkv_init_gain / math.sqrt(dim)
         nn.init.uniform_(qkvo[:3], -bound, bound)
         nn.init.zeros_(qkvo[3])
         self.qkvo = labelled(qkvo, "attn")
@@ -1411,11 +1506,14 @@ class Attention(nn.Module):
         # columns of the O stored here transposed.
         self.qkvo.normalise_columns = (False, False, False, True)
         self.gate_dims = cfg.gate_dims
-        self.output_gate = None
+        gate_dtype = torch.float32 if cfg.fp32_gates else dtype
+        self.output_gate = self.value_gate = None
         if cfg.attn_gate:
-            gate_dtype = torch.float32 if cfg.fp32_gates else dtype
             self.output_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "attn_gate")
             self.output_gate.normalise_columns = (False,)  # per head (row), although the matrix is wide
+        if cfg.value_embed_gate and has_value_embed:  # zero-init: a factor 2*sigmoid(0) = 1 at the start
+            self.value_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "value_embed_gate")
+            self.value_gate.normalise_columns = (False,)
         self.window_kind, self.shift_keys = window_kind, shift_keys
         self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
         self.mask_document_starts = cfg.mask_document_starts
@@ -1437,7 +1535,11 @@ class Attention(nn.Module):
             if value_embed is not None:
                 v = v + out_scale * value_embed.view_as(v)
         elif value_embed is not None:
-            v = v + value_embed.view_as(v)
+            value_embed = value_embed.view_as(v)
+            if self.value_gate is not None:
+                value_embed = 2 * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.value_gate.type_as(x)))[..., None] \
+                    * value_embed
+            v = v + value_embed
         window = ctx.windows[self.window_kind]
         y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
         if self.output_gate is not None:
@@ -1467,8 +1569,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
-        self.attn = Attention(cfg, kind, cfg.key_shift and kind == "L", dtype) if kind != "N" else None
         self.value_embed_index = None if table == "." else int(table)
+        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None)
+                     if kind != "N" else None)
         self.mlp = MLP(cfg)
 
     def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
@@ -1478,9 +1581,9 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
-def softcap(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "sigmoid":  # 30·sigmoid(z/7.5) = 15·tanh(z/15) + 15
-        return 30 * torch.sigmoid(logits * (1 / 7.5))
+def softcap(logits: torch.Tensor, kind: str, scale: float = 30.0, offset: float = 0.0) -> torch.Tensor:
+    if kind == "sigmoid":  # 30·sigmoid(z/7.5) = 15·tanh(z/15) + 15; medium 2025-12-31: 23·sigmoid((z+5)/7.5)
+        return scale * torch.sigmoid((logits + offset if offset else logits) * (1 / 7.5))
     if kind == "rational":
         return 15 * logits * torch.rsqrt(logits.square() + 225)
     return logits
@@ -1509,6 +1612,10 @@ class GPT(nn.Module):
         # With a tied head the token embedding is the head matrix itself.
         num_tables = cfg.input_embeds - (1 if cfg.tie_embedding else 0)
         self.embeds = nn.ParameterList(labelled(torch.randn(vocab, dim).to(dtype), "embed") for _ in range(num_tables))
+        # The input table of a tied embedding once it is untied (untie_embedding); unused before.
+        self.untied_embed = (labelled(torch.zeros(vocab, dim, dtype=self.lm_head.dtype), "untied_embed")
+                             if cfg.untie_embedding_frac > 0 else None)
+        self.embedding_untied = False
         num_value_embeds = len({c for c in cfg.value_embed_pattern if c != "."})
         self.value_embeds = nn.ParameterList(
             labelled((torch.randn(vocab, dim) * cfg.value_embed_init_std).to(dtype), "value_embed")
@@ -1516,6 +1623,9 @@ class GPT(nn.Module):
         gate_dtype = torch.float32 if cfg.fp32_gates else dtype
         self.smear_gate = (labelled(torch.zeros(1, cfg.gate_dims, dtype=gate_dtype), "smear_gate")
                            if cfg.smear_gate else None)
+        # One row per skip connection: a per-token factor 2*sigmoid(row . x0[:gate_dims]), 1 at init.
+        self.skip_gates = (labelled(torch.zeros(len(cfg.skip_connections), cfg.gate_dims, dtype=gate_dtype), "skip_gate")
+                           if cfg.skip_token_gate and cfg.skip_connections else None)
         self.blocks = nn.ModuleList(Block(cfg, layer, dtype) for layer in range(L))
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
@@ -1543,6 +1653,20 @@ class GPT(nn.Module):
     def scalar(self, name: str) -> torch.Tensor:
         return self.scalars[self.scalar_slices[name]]
 
+    @torch.no_grad()
+    def untie_embedding(self) -> None:
+        """From now on the input lookup uses its own table, starting as a copy of the head (a schedule
+        event, section 6; the optimiser set copies the head's Adam state alongside)."""
+        self.untied_embed.copy_(self.lm_head)
+        self.embedding_untied = True
+
+    def get_extra_state(self) -> dict:
+        """Saved with the weights (checkpoints, the warm-up's restore): which input table is in use."""
+        return {"embedding_untied": self.embedding_untied}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.embedding_untied = state["embedding_untied"]
+
     def rescale_rotary(self, old_window: int, new_window: int) -> None:
         """YaRN update when the long window grows (a schedule event, section 6)."""
         if self.cfg.yarn and new_window > old_window:
@@ -1550,7 +1674,8 @@ class GPT(nn.Module):
             self.attn_scale.mul_(1 + self.cfg.yarn_attn_gain * math.log(new_window / old_window))
 
     def input_embeddings(self, tokens: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
-        tables = ([self.lm_head] if self.cfg.tie_embedding else []) + list(self.embeds)
+        tied = self.untied_embed if self.embedding_untied else self.lm_head
+        tables = ([tied] if self.cfg.tie_embedding else []) + list(self.embeds)
         x = F.embedding(tokens, tables[0]).to(self.dtype)
         if self.smear_gate is not None:  # mix in a gated share of the previous token's embedding
             gate = torch.sigmoid(F.linear(x[:, :self.cfg.gate_dims], self.smear_gate.type_as(x)))
@@ -1580,12 +1705,15 @@ class GPT(nn.Module):
         skip_weights = self.scalar("skip").type_as(x0[0])
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
+        if self.skip_gates is not None:  # (T, skips): each skip's weight per token
+            gates = 2 * torch.sigmoid(F.linear(x0[0][:, :cfg.gate_dims], self.skip_gates.type_as(x0[0])))
+            skip_weights = skip_weights * gates
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
         saved, x = {}, x0[0]
         for i, block in enumerate(self.blocks):
             for j, (to, frm) in enumerate(cfg.skip_connections):
                 if to == i:
-                    x = x + skip_weights[j] * saved[frm]
+                    x = x + skip_weights[..., j, None] * saved[frm]
             x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
             x = block(x, ctx, qkv_scale[i], out_scale[i])
             saved[i] = x
@@ -1598,25 +1726,41 @@ class GPT(nn.Module):
         return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, windows))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft-capped fp32 logits. FP8 only while training (gradients on), as the record: its
-        validation logits come from a plain bf16 matmul."""
+        """Soft-capped logits. In training (gradients on) the records use the FP8 head on CUDA and keep
+        the logits in the compute dtype (the softcap computed in fp32, rounded once); validation uses a
+        plain matmul and fp32 logits."""
         cfg = self.cfg
-        training = torch.is_grad_enabled() or cfg.fp8_head_in_validation
-        if cfg.fp8_head and training and fp8_supported(x):
+        training = torch.is_grad_enabled()
+        if cfg.fp8_head and (training or cfg.fp8_head_in_validation) and fp8_supported(x):
             z = fp8_linear(x, self.lm_head, *cfg.fp8_scales)[0]
         else:
             z = F.linear(x, self.lm_head.type_as(x))
-        return softcap(z.float(), cfg.softcap)
+        logits = softcap(z.float(), cfg.softcap, cfg.softcap_scale, cfg.softcap_offset)
+        return logits.to(x.dtype) if training and not cfg.fp32_train_logits else logits
 
     def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, windows: tuple[int, int],
-                loss_piece: int = 0) -> torch.Tensor:
+                loss_piece: int = 0, target_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the micro-batch's tokens. With loss_piece > 0 the
         head and loss run over pieces of that many tokens, so a long validation chunk never holds
-        all its (T x vocab) logits at once."""
+        all its (T x vocab) logits at once. target_weights (K,): multi-token prediction, below."""
         x = self.hidden_states(tokens, cu_seqlens, max_seqlen, windows)
-        piece = loss_piece if 0 < loss_piece < x.size(0) else x.size(0)
-        return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
-                   for i in range(0, x.size(0), piece))
+        T = x.size(0)
+        piece = loss_piece if 0 < loss_piece < T else T
+        if target_weights is None:
+            return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
+                       for i in range(0, T, piece))
+        # Multi-token prediction: position t also predicts the target k positions after its own,
+        # in packed order across documents as the record, with weight target_weights[k]; the last k
+        # positions have no target at offset k. One head and one set of logits serve every k.
+        later = torch.arange(T, device=x.device)[:, None] + torch.arange(target_weights.numel(), device=x.device)
+        weights = torch.where(later < T, target_weights, 0.0)
+        wanted = targets[later.clamp_max(T - 1)]
+        total = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, T, piece):
+            logits = self.head(x[i:i + piece]).float()
+            nll = logits.logsumexp(-1, keepdim=True) - logits.gather(1, wanted[i:i + piece])
+            total = total + (nll * weights[i:i + piece]).sum()
+        return total
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
@@ -1928,13 +2072,14 @@ def weight_decay_per_step(style: str, wd: float, lr_t: float, eff_lr):
     return wd * lr_t * eff_lr if style == "cautious" else wd * lr_t
 
 
-def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, cautious: bool) -> torch.Tensor:
+def decayed_step(param: torch.Tensor, direction: torch.Tensor, eff_lr, decay, cautious: bool,
+                 strict: bool = False) -> torch.Tensor:
     """param - decay*param - eff_lr*direction (fp32). Cautious: decay only where direction and
-    param do not have opposite signs (as the records: a zero update, e.g. an embedding row absent
-    from the batch, is decayed too)."""
+    param do not have opposite signs (as the short record: a zero update, e.g. an embedding row absent
+    from the batch, is decayed too); strict: only where they have the same sign."""
     shrink = param * decay
     if cautious:
-        shrink = shrink * ((direction * param) >= 0)
+        shrink = shrink * ((direction * param) > 0 if strict else (direction * param) >= 0)
     return param - shrink - eff_lr * direction
 
 
@@ -2021,6 +2166,7 @@ class AdamSettings:
     weight_decay: float
     wd_style: str = "cautious"
     wd_linear_lr_mult: bool = False  # cautious decay wd*lr^2*m instead of the record's wd*(lr*m)^2
+    cautious_strict: bool = False  # decay only where update and weight have the same strict sign
     every: int = 1  # step every N-th step, on the sum of those steps' gradients
     bias_correction: bool = True
     moment_init: str = "zeros"
@@ -2162,7 +2308,7 @@ class DistAdam(GroupOptimizer):
         decay = slot.wd_mult * weight_decay_per_step(s.wd_style, s.weight_decay, lr_for_decay, eff_lr)
         flat = slot.flat(slot.param.data)
         owned = flat[slot.start: slot.start + slot.owned]
-        new = decayed_step(owned.float(), direction, eff_lr, decay, s.wd_style == "cautious")
+        new = decayed_step(owned.float(), direction, eff_lr, decay, s.wd_style == "cautious", s.cautious_strict)
         if not slot.sharded:
             owned.copy_(new)
             return None
@@ -2496,7 +2642,7 @@ class OptimizerSet:
                                    getattr(p, "normalise_columns", None), label in cfg.orthogonalize_split_update)
                         for n, p, label in named if cfg.labels[label].optimizer == kind]
             adam = AdamSettings(lr=cfg.adam_lr, weight_decay=cfg.adam_wd, wd_style=cfg.wd_style, every=cfg.adam_every,
-                                wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult,
+                                wd_linear_lr_mult=cfg.adam_wd_linear_lr_mult, cautious_strict=cfg.adam_cautious_strict,
                                 eps_before_correction=cfg.adam_eps_before_correction, **adam_options)
             muon = MuonSettings(lr=cfg.muon_lr, weight_decay=cfg.muon_wd, orthogonalize=ORTHOGONALIZERS[cfg.orthogonalizer],
                                 orthogonalize_steps=cfg.orthogonalizer_steps,
@@ -2543,6 +2689,18 @@ class OptimizerSet:
         if self.snoo is not None:
             self.snoo.after_inner_step()
 
+    def copy_adam_state(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Give `target` the Adam moments of `source` (same shape, same Adam group): the untied embedding
+        starts where the head is. Adam's step count is shared by the group, so it carries over."""
+        for member in self.members:
+            slots = {id(slot.param): slot for slot in getattr(member, "slots", [])}
+            if id(source) in slots and id(target) in slots:
+                slots[id(target)].exp_avg.copy_(slots[id(source)].exp_avg)
+                slots[id(target)].exp_avg_sq.copy_(slots[id(source)].exp_avg_sq)
+                return
+        raise ValueError("copy_adam_state: both parameters must be in the same Adam group "
+                         "(--labels: untied_embed and lm_head on the same Adam optimiser)")
+
     def pause_scalars(self, steps: int) -> None:
         """Drop the scalar group's gradients for the next `steps` steps, keeping its moments."""
         if self.scalar_adam is not None:
@@ -2583,19 +2741,30 @@ class StepPlan:
     windows: tuple  # (long, short) attention windows in tokens
     lr_multiplier: float
     momentum: float
-    window_grew_from: int | None = None  # the long window grew from this at this step: rescale rotary (YaRN)
+    window_grew_from: int | None = None  # the long window grew from this at this step and YaRN applies: rescale rotary
     stage_changed: bool = False  # the batch/window stage changed at this step: pause the scalar Adam
+    untie_embedding: bool = False  # the first step with an untied input embedding: copy the head and its Adam state
+    target_weights: tuple | None = None  # multi-token prediction weights of targets t+1, t+2, ... (None: plain)
 
 
 class Schedule:
-    def __init__(self, cfg: ScheduleConfig, window_block: int):
-        self.cfg, self.window_block = cfg, window_block
+    def __init__(self, cfg: ScheduleConfig, window_block: int, untie_step: int | None = None):
+        """untie_step: the first step trained with an untied input embedding (None: never)."""
+        self.cfg, self.window_block, self.untie_step = cfg, window_block, untie_step
         self.total_steps = cfg.num_iterations + cfg.extension_iterations
 
     @classmethod
     def of(cls, cfg: Config) -> Schedule:
-        """The schedule of a run (windows are counted in the model's blocks)."""
-        return cls(cfg.schedule, cfg.model.window_block)
+        """The schedule of a run (windows are counted in the model's blocks). The embedding is untied after
+        the first Adam step at or past untie_embedding_frac of the scheduled steps (the record: 785), so
+        no gradient of the tied table is still accumulating then."""
+        untie_step = None
+        if cfg.model.untie_embedding_frac > 0:
+            every = cfg.optim.adam_every
+            last_tied = math.ceil(cfg.model.untie_embedding_frac * cfg.schedule.num_iterations)
+            last_tied += (every - 1 - last_tied) % every
+            untie_step = last_tied + 1
+        return cls(cfg.schedule, cfg.model.window_block, untie_step)
 
     def stage_index(self, step: int) -> int:
         """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
@@ -2619,8 +2788,12 @@ class Schedule:
         return blocks * block
 
     def short_window(self, long_window: int) -> int:
-        """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6)."""
-        return long_window // self.window_block // 2 * self.window_block
+        """Short window in tokens: half the long window's blocks, rounded down (3 -> 1, 7 -> 3, 13 -> 6),
+        at most short_window_max_blocks when that is set."""
+        blocks = long_window // self.window_block // 2
+        if self.cfg.short_window_max_blocks > 0:
+            blocks = min(blocks, self.cfg.short_window_max_blocks)
+        return blocks * self.window_block
 
     def windows(self, step: int) -> tuple[int, int]:
         long_window = self.long_window(step)
@@ -2637,6 +2810,12 @@ class Schedule:
         are applied first, as the records do); the final one final_val_windows."""
         return self.final_val_windows() if step == self.total_steps else self.windows(step)
 
+    def lr_stage_index(self, step: int) -> int:
+        """The stage of the lr multiplier: as the records, it moves on once x is strictly past a stage start
+        (x > k/stages), one step later than the batch stage where a stage starts exactly on a step."""
+        stages = len(self.cfg.batch_tokens_stages)
+        return max(0, min(-(-stages * step // self.cfg.num_iterations) - 1, stages))
+
     def lr_multiplier(self, step: int) -> float:
         """Stage multiplier held flat, then a linear cooldown towards lr_min_frac over the last cooldown_frac."""
         cfg = self.cfg
@@ -2644,7 +2823,7 @@ class Schedule:
         if x >= 1.0:
             return cfg.lr_min_frac
         stage_lrs = cfg.lr_stage_multipliers
-        lr_max = stage_lrs[min(self.stage_index(step), len(stage_lrs) - 1)]
+        lr_max = stage_lrs[min(self.lr_stage_index(step), len(stage_lrs) - 1)]
         if x < 1.0 - cfg.cooldown_frac:
             return lr_max
         w = (1.0 - x) / cfg.cooldown_frac
@@ -2666,19 +2845,40 @@ class Schedule:
             momentum = momentum + (lo - momentum) * cool
         return momentum
 
+    def target_weights(self, step: int) -> tuple | None:
+        """Multi-token prediction over the first multi_token_frac of the steps (medium 2025-12-31): with x
+        the progress through it, targets t+1, t+2, t+3 weigh 1, 0.5, 0.25(1-3x) for x < 1/3, then t+1, t+2
+        weigh 1, 0.5(2-3x) for x < 2/3; then None, the plain next-token loss."""
+        frac = self.cfg.multi_token_frac
+        x = step / (self.cfg.num_iterations * frac) if frac > 0 else 1.0
+        if x < 1 / 3:
+            return (1.0, 0.5, 0.25 * (1 - 3 * x))
+        if x < 2 / 3:
+            return (1.0, 0.5 * (2 - 3 * x))
+        return None
+
     def at(self, step: int) -> StepPlan:
         long_window = self.long_window(step)
         previous = self.long_window(step - 1) if step > 0 else long_window
+        yarn_cap = self.cfg.yarn_max_window_blocks * self.window_block
+        grew = long_window > previous and (yarn_cap == 0 or long_window <= yarn_cap)
         return StepPlan(step=step, batch_tokens=self.batch_tokens(step), windows=self.windows(step),
                         lr_multiplier=self.lr_multiplier(step), momentum=self.momentum(step),
-                        window_grew_from=previous if long_window > previous else None,
-                        stage_changed=step > 0 and self.stage_index(step) != self.stage_index(step - 1))
+                        window_grew_from=previous if grew else None,
+                        stage_changed=step > 0 and self.stage_index(step) != self.stage_index(step - 1),
+                        untie_embedding=step == self.untie_step, target_weights=self.target_weights(step))
+
+    def untied_at(self, step: int) -> bool:
+        return self.untie_step is not None and step >= self.untie_step
 
     def shape_steps(self) -> list[int]:
-        """The first step of every distinct (batch size, window) the run trains with."""
+        """The first step of every distinct compiled shape the run trains with: batch size, window, whether
+        the embedding is untied, and how many targets each position predicts."""
         first = {}
         for step in range(self.total_steps):
-            first.setdefault((self.batch_tokens(step), self.long_window(step)), step)
+            shape = (self.batch_tokens(step), self.long_window(step), self.untied_at(step),
+                     len(self.target_weights(step) or ()))
+            first.setdefault(shape, step)
         return list(first.values())
 
     def all_val_windows(self, val_every: int) -> list[tuple[int, int]]:
@@ -2932,8 +3132,8 @@ def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[Mi
 
 
 def micro_batch_loss(model, mb: MicroBatch, windows: tuple[int, int], max_seqlen: int,
-                     loss_piece: int = 0) -> torch.Tensor:
-    """Summed loss of one micro-batch.
+                     loss_piece: int = 0, target_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss of one micro-batch (target_weights: multi-token prediction, GPT.forward).
 
     max_seqlen must be a constant of the run (max_seq_len in training, the chunk length in
     validation): a compiled model guards on it, so a per-batch value would recompile. The number
@@ -2942,7 +3142,7 @@ def micro_batch_loss(model, mb: MicroBatch, windows: tuple[int, int], max_seqlen
     if mb.max_seqlen > max_seqlen:
         raise ValueError(f"a sequence of {mb.max_seqlen} tokens exceeds max_seqlen {max_seqlen}")
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, windows, loss_piece)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, windows, loss_piece, target_weights)
 
 
 @torch.no_grad()
@@ -2965,10 +3165,13 @@ def train_step(model, optimizers: OptimizerSet, micro_batches: list[MicroBatch],
     """Forward/backward over this rank's micro-batches, then the optimiser step; returns the summed
     loss as a device tensor (not read here: reading it would wait for the GPU every step).
     reduction "mean" differentiates each micro-batch's mean token loss instead of its sum."""
-    loss_sum = torch.zeros((), device=micro_batches[0].inputs.device)
+    device = micro_batches[0].inputs.device
+    loss_sum = torch.zeros((), device=device)
+    # A tensor, so that the compiled model does not recompile as the weights change from step to step.
+    weights = None if plan.target_weights is None else torch.tensor(plan.target_weights, device=device)
     for i, mb in enumerate(micro_batches):
         optimizers.prepare_backward(plan.step, last_micro_step=i == len(micro_batches) - 1)
-        loss = micro_batch_loss(model, mb, plan.windows, max_seqlen)
+        loss = micro_batch_loss(model, mb, plan.windows, max_seqlen, target_weights=weights)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
         # gradient the same for every world size (the global mean under "mean": slices are equal).
         tokens = mb.targets.numel() if reduction == "mean" else 1
@@ -2984,6 +3187,14 @@ def apply_transitions(plan: StepPlan, raw_model: GPT, optimizers: OptimizerSet, 
         raw_model.rescale_rotary(plan.window_grew_from, plan.windows[0])
     if plan.stage_changed:
         optimizers.pause_scalars(scalar_pause_steps)
+    if plan.untie_embedding:
+        untie_embedding(raw_model, optimizers)
+
+
+def untie_embedding(raw_model: GPT, optimizers: OptimizerSet) -> None:
+    """The input embedding leaves the head: its own table and Adam state start as copies of the head's."""
+    raw_model.untie_embedding()
+    optimizers.copy_adam_state(raw_model.lm_head, raw_model.untied_embed)
 
 
 def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Config, val_batches) -> None:
@@ -2998,8 +3209,11 @@ def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Confi
     step = 0
     for first in shape_steps:
         shape = schedule.at(first)
+        if schedule.untied_at(first) and not raw_model.embedding_untied:
+            untie_embedding(raw_model, optimizers)
         for _ in range(per_shape):
-            plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows)
+            plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows,
+                                       target_weights=shape.target_weights)
             train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len,
                        cfg.loop.train_loss_reduction)
             step += 1

@@ -8,7 +8,8 @@ tests/test_gpu_check.py.
 
 Stages (run in this order; `--stages` takes names or the groups `correctness`, `speed`, `all`):
   correctness: varlen_vs_sdpa, fp8_head, triton_kernels, flex_vs_sdpa
-  speed:       short_compiled (also checks: zero recompiles after the warm-up), medium_steps
+  speed:       short_compiled (also checks: zero recompiles after the warm-up), medium_steps,
+               medium_2025_12_31_steps (the untie and multi-token phases compiled; zero recompiles after warm-up)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import train_gpt as tg  # noqa: E402
 
 STAGE_GROUPS = {
     "correctness": ["varlen_vs_sdpa", "fp8_head", "triton_kernels", "flex_vs_sdpa"],
-    "speed": ["short_compiled", "medium_steps"],
+    "speed": ["short_compiled", "medium_steps", "medium_2025_12_31_steps"],
 }
 ALL_STAGES = [name for group in STAGE_GROUPS.values() for name in group]
 
@@ -299,6 +300,17 @@ def stage_medium_steps() -> dict:
                        "--long-window-blocks-stages", "13", "--val-tokens", str(2 * 1024 * 1024))
     result = timed_run(cfg, steps_per_stage=4)
     result["ok"] = math.isfinite(result["final_validation"]["val_loss"])
+    return result
+
+
+def stage_medium_2025_12_31_steps() -> dict:
+    """The medium_2025_12_31 preset at its final batch and window, shrunk to 12 + 2 steps so that its
+    multi-token phases (3, 2, 1 targets) and the untied embedding (from step 4) each compile once."""
+    cfg = speed_config("medium_2025_12_31", "--num-iterations", "12", "--extension-iterations", "2",
+                       "--warmup-steps", "4", "--batch-tokens-stages", "524288", "--long-window-blocks-stages", "23",
+                       "--lr-stage-multipliers", "2.0", "--val-tokens", str(2 * 1024 * 1024), "--val-every", "0")
+    result = timed_run(cfg, steps_per_stage=14)
+    result["ok"] = result["recompiles_after_warmup"] == 0 and math.isfinite(result["final_validation"]["val_loss"])
     return result
 
 

@@ -1,5 +1,6 @@
 """The CPU-testable parts of `python -m tests.gpu_check`: stage selection, report format, no-CUDA exit."""
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from tests import gpu_check
 
 def test_stage_selection_by_group_name_and_all():
     assert gpu_check.select_stages("all") == gpu_check.ALL_STAGES
-    assert gpu_check.select_stages("speed") == ["short_compiled", "medium_steps"]
+    assert gpu_check.select_stages("speed") == ["short_compiled", "medium_steps", "medium_2025_12_31_steps"]
     # names come back in run order, without repeats
     assert gpu_check.select_stages("flex_vs_sdpa,fp8_head,correctness") == gpu_check.STAGE_GROUPS["correctness"]
     assert gpu_check.select_stages("medium_steps, varlen_vs_sdpa") == ["varlen_vs_sdpa", "medium_steps"]
@@ -72,6 +73,19 @@ def test_timed_run_logic_on_cpu():
     assert all(s["ms_per_step"] > 0 and s["steps"] == 2 for s in result["stages"].values())
     assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0
     json.dumps(result)
+
+
+@pytest.mark.slow
+def test_untie_and_multi_token_phases_compile_once_on_cpu():
+    """The medium_2025_12_31 stage's shrunk schedule on its cpu-size variant, compiled with aot_eager: the three
+    multi-token phases and the untied embedding are all compiled in the warm-up, none after."""
+    cfg = gpu_check.speed_config("medium_2025_12_31_cpu", "--compile-backend", "aot_eager", "--num-iterations", "12",
+                                 "--extension-iterations", "2", "--warmup-steps", "4", "--batch-tokens-stages", "1024",
+                                 "--long-window-blocks-stages", "4", "--lr-stage-multipliers", "2.0",
+                                 "--val-tokens", "4096", "--val-every", "0")
+    result = gpu_check.timed_run(cfg, steps_per_stage=14, device=torch.device("cpu"))
+    assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0, result
+    assert math.isfinite(result["final_validation"]["val_loss"])
 
 
 def test_attention_stage_logic_on_cpu():
