@@ -118,6 +118,7 @@ def render_readme(folder: str, track: str, name: str, date: str, runs: list[RunL
         f"- device: {hardware(runs)}",
         f"- world size: {first.world_size or first.gpus or 'n/a'}",
         f"- software: {versions or 'n/a'}",
+        *(f"- {key}: {first.header[key]}" for key in ("compute", "cpu") if key in first.header),
         "",
         "## Results",
         "",

@@ -9,6 +9,8 @@ _cache = os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")
 if os.path.isdir(_cache):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", _cache)
 
+import torch.nn as nn  # noqa: E402
+
 import train_gpt as tg  # noqa: E402  (after the path is set)
 
 
@@ -26,3 +28,19 @@ def optimizer_set(model, cfg, rank=0, world_size=1, **kwargs):
 def with_short(model_cfg, long_window: int) -> tuple[int, int]:
     """(long, short) windows with the schedule's rule for the short one."""
     return long_window, tg.Schedule(tg.ScheduleConfig(), model_cfg.window_block).short_window(long_window)
+
+
+def labelled(tensor, label):
+    """A parameter with an optimiser label, as the model makes them."""
+    p = nn.Parameter(tensor)
+    p.label = label
+    return p
+
+
+class Bag(nn.Module):
+    """A module holding the given parameters, for optimiser tests."""
+
+    def __init__(self, **params):
+        super().__init__()
+        for name, p in params.items():
+            setattr(self, name, p)

@@ -1,6 +1,5 @@
 """The GPU training path checked on CPU: validation chunks, constant shapes for torch.compile,
 shared attention masks, flex, the FP8 head regions, host syncs, collective launch order."""
-import math
 import os
 import re
 import subprocess

@@ -262,7 +262,9 @@ def test_cpu_variant_trains_through_the_untie_and_the_multi_token_phase(tmp_path
     """12 scheduled steps: multi-token prediction over steps 0-1, the untie after the Adam step at 2 + 1 = 3."""
     cfg = tg.config_from_args(["--preset", "medium_2025_12_31_cpu", "--num-iterations", "12",
                                "--extension-iterations", "2", "--val-every", "0", "--log-dir", str(tmp_path),
-                               "--run-id", "m1231", "--val-tokens", "4096"])
+                               "--run-id", "m1231", "--val-tokens", "4096", "--num-layers", "4",
+                               "--window-pattern", "LSSL", "--value-embed-pattern", "0..0", "--skip-connections",
+                               "3<1", "--backout-layer", "2", "--model-dim", "64", "--head-dim", "32"])
     schedule = tg.Schedule.of(cfg)
     assert schedule.untie_step == 4 and schedule.target_weights(0) is not None and schedule.target_weights(2) is None
     result = tg.train(cfg, [])

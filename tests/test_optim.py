@@ -2,7 +2,6 @@
 invariance over gloo processes, pause, Snoo, smoothing and exact state round trips."""
 import copy
 import functools
-import dataclasses
 import math
 import os
 

@@ -4,23 +4,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import train_gpt as tg
-from conftest import optimizer_set
-
-
-def labelled(tensor, label):
-    p = nn.Parameter(tensor)
-    p.label = label
-    return p
-
-
-class Bag(nn.Module):
-    def __init__(self, **params):
-        super().__init__()
-        for name, p in params.items():
-            setattr(self, name, p)
+from conftest import Bag, labelled, optimizer_set
 
 
 def short_cfg(**overrides):

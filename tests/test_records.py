@@ -296,6 +296,20 @@ def test_new_creates_record_and_index(tmp_path, capsys):
     assert text.startswith("# intro") and text.rstrip().endswith("footer") and text.count("| [FasterThing]") == 1
 
 
+def test_new_readme_states_the_compute_dtype_and_cpu(tmp_path, capsys):
+    header = ("compute: float32 (--compute-dtype auto), orthogonalisation float32 (--orthogonalize-dtype auto)\n"
+              "cpu: capability AVX2, native bf16 no")
+    logs = write_runs(tmp_path, LOSSES[:2], [1000, 1001], device="cpu: AMD EPYC (2 cores), 1 process(es)",
+                      extra_header=header)
+    code, _, err = run_cli(capsys, "new", "--allow-not-significant", "--track", "cpu", "--name", "Dtype",
+                           "--records-dir", tmp_path / "records", *logs)
+    assert code == 0, err
+    readme = next((tmp_path / "records" / "cpu").iterdir()) / "README.md"
+    text = readme.read_text()
+    assert "- compute: float32 (--compute-dtype auto), orthogonalisation float32" in text
+    assert "- cpu: capability AVX2, native bf16 no" in text
+
+
 def test_new_target_option_is_kept_by_stats(tmp_path, capsys):
     logs = write_runs(tmp_path, LOSSES[:3], [1000, 1000, 1001])
     records = tmp_path / "records"

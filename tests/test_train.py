@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import train_gpt as tg
 from conftest import REPO, free_port
