@@ -251,7 +251,8 @@ class ModelConfig:
     tie_embedding: bool = True  # the token embedding is the lm_head matrix
     # > 0: the tied embedding is untied at this fraction of the scheduled steps (the first Adam step from
     # there on): a separate input table starts as a copy of the head, with its Adam state (medium 2025-12-31: 1/6)
-    untie_embedding_frac: float = setting(0.0, check=FRACTION)
+    untie_embedding_frac: float = setting(0.0, check=FRACTION, help="untie the tied embedding at this fraction "
+                                                                     "of training (0: never; medium_2025_12_31: 1/6)")
     input_embeds: int = setting(1, check=AT_LEAST_ONE)  # input embeddings mixed into every block's residual
     smear_gate: bool = True  # add a gated share of the previous token's embedding
     attn_gate: bool = True  # per-head sigmoid gate on the attention output
@@ -301,7 +302,8 @@ class ModelConfig:
     # activations, embeddings, head and bf16-held gates. auto: bfloat16 on CUDA (the records), float32 on a CPU,
     # where many processors have no native bf16 and run bf16 matmuls ~70x slower (and results would then
     # depend on which CPU ran them)
-    compute_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))
+    compute_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"),
+                                 help="auto: bfloat16 on CUDA, float32 on a CPU")
 
 
 @dataclass
@@ -327,7 +329,8 @@ class OptimizerConfig:
     adam_every: int = setting(2, check=AT_LEAST_ONE)  # Adam groups step every N steps (gradients summed)
     # Adam moments stored in bf16 whatever the parameter (short record), in the parameter's dtype (medium
     # record's torch AdamW: fp32 for the fp32 head, scalars and x0 lambdas), or fp32; update math is fp32.
-    adam_moment_dtype: str = setting("bfloat16", choices=("bfloat16", "param", "float32"))
+    adam_moment_dtype: str = setting("bfloat16", choices=("bfloat16", "param", "float32"),
+                                     help="param: the parameter's own dtype")
     # True (short record): eps joins sqrt(v) before the bias corrections, which go into the step size:
     # m/(sqrt(v)+eps) * sqrt(1-b2^t)/(1-b1^t). False: textbook m_hat/(sqrt(v_hat)+eps) (torch's AdamW, the
     # medium record). They differ where sqrt(v) is near eps (4x for tiny gradients early on).
@@ -349,11 +352,13 @@ class OptimizerConfig:
     orthogonalizer: str = setting("polar_express", choices=lambda: tuple(ORTHOGONALIZERS))
     orthogonalizer_steps: int = setting(5, check=AT_LEAST_ONE)
     # auto: bfloat16 on CUDA (the records), float32 on a CPU (see compute_dtype)
-    orthogonalize_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))
+    orthogonalize_dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"),
+                                       help="auto: bfloat16 on CUDA, float32 on a CPU")
     # Labels whose orthogonalisation rounds B@X and then adds a*X (two roundings, the short record's MLP
     # path); the others use one fused multiply-add (baddbmm).
     orthogonalize_split_update: tuple = setting(("mlp_fc", "mlp_proj"), parse=lambda text, current: tuple(
-        filter(None, (part.strip() for part in text.split(",")))), show=",".join)
+        filter(None, (part.strip() for part in text.split(",")))), show=",".join,
+        help="labels whose Muon update rounds B@X before adding a*X (the short record's MLP); '' for none")
     # EMA update smoothing u <- s*u + (1-s)*O on the Muon update (0: off). With
     # muon_smoothing_steps > 0, s moves linearly from muon_smoothing_start to muon_smoothing.
     muon_smoothing: float = setting(0.0, check=FRACTION)
@@ -384,7 +389,8 @@ class ScheduleConfig:
     yarn_max_window_blocks: int = setting(0, check=NON_NEGATIVE)  # YaRN only while the long window <= this (0: always)
     # > 0: multi-token prediction over this fraction of the scheduled steps (medium 2025-12-31: 1/4): targets
     # t+1, t+2, t+3 weighted 1, 0.5, 0.25->0 over its first third, then t+1, t+2 with 1, 0.5->0, then t+1 alone
-    multi_token_frac: float = setting(0.0, check=FRACTION)
+    multi_token_frac: float = setting(0.0, check=FRACTION, help="multi-token prediction (3, then 2 targets) over "
+                                                                 "this fraction of training (0: off)")
     window_cubic_max_tokens: int = 3456
     lr_stage_multipliers: tuple = setting((1.0, 1.51, 1.93), check=NON_EMPTY)
     cooldown_frac: float = 0.55
@@ -408,7 +414,8 @@ class LoopConfig:
     # sum: each micro-batch's summed token losses (short record); mean: averaged over the step's tokens, as the
     # medium record's per-rank mean loss averaged over ranks. Only Adam's eps sees the difference (65,536x
     # larger relative to the gradient under mean on the medium track); Muon normalises it away.
-    train_loss_reduction: str = setting("sum", choices=("sum", "mean"))
+    train_loss_reduction: str = setting("sum", choices=("sum", "mean"),
+                                        help="sum (short record) or mean over the step's tokens (medium record)")
 
 
 @dataclass
