@@ -111,7 +111,7 @@ class LabelRule:
 LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
 PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
-                    "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
+                    "xsa", "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
@@ -122,6 +122,7 @@ SHORT_TRACK_LABELS = {
     "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),
     "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.65, 0.95)),
+    "xsa":         LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
@@ -138,6 +139,7 @@ MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars 
     "smear_gate":  LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "skip_gate":   LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),
+    "xsa":         LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),  # (not in the record)
@@ -156,6 +158,7 @@ MEDIUM_2025_12_31_LABELS = {
     "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.8, 0.95)),
     "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.8, 0.95)),
     "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.8, 0.95)),
+    "xsa":         LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon", 0.1),
@@ -262,6 +265,10 @@ class ModelConfig:
     # skips weighted sigmoid(lambda) * 2*sigmoid(linear(x0[:gate_dims])) per token (medium 2025-12-31); needs skip_gate sigmoid
     skip_token_gate: bool = False
     qkv_init_gain: float = setting(0.5, check=POSITIVE)  # Q, K, V uniform in +-gain*sqrt(3/dim)
+    # per layer: X = learnable exclusive self-attention (short #89: layers 1, 3, 4, 7, 8, 10), '.' = none; '' = none
+    xsa_pattern: str = setting("", check=(lambda v: not set(v) - set("X."), "use X (XSA) or '.' per layer"),
+                               help="per layer X or '.': remove tanh(alpha) of each head's output along the "
+                                    "token's own value (learnable XSA, alpha zero-init)")
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
     # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
     mask_document_starts: bool = False
@@ -673,6 +680,10 @@ def check_config(cfg: Config) -> None:
         fail("backout_layer", f"only {layers} layers")
     if model.gate_dims > model.model_dim:
         fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
+    if model.xsa_pattern and len(model.xsa_pattern) != layers:
+        fail("xsa_pattern", f"needs one character per layer ({layers} layers), or '' for none")
+    if any(x == "X" and w == "N" for x, w in zip(model.xsa_pattern, model.window_pattern)):
+        fail("xsa_pattern", "XSA on a layer without attention (N in --window-pattern)")
     if model.untie_embedding_frac > 0 and not model.tie_embedding:
         fail("untie_embedding_frac", "needs a tied embedding (--tie-embedding true)")
     if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
@@ -1498,7 +1509,7 @@ class LayerInputs:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype,
-                 has_value_embed: bool = False):
+                 has_value_embed: bool = False, xsa: bool = False):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
@@ -1521,6 +1532,7 @@ class Attention(nn.Module):
         if cfg.value_embed_gate and has_value_embed:  # zero-init: a factor 2*sigmoid(0) = 1 at the start
             self.value_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "value_embed_gate")
             self.value_gate.normalise_columns = (False,)
+        self.xsa_alpha = labelled(torch.zeros(cfg.num_heads), "xsa") if xsa else None  # per head, fp32
         self.window_kind, self.shift_keys = window_kind, shift_keys
         self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
         self.mask_document_starts = cfg.mask_document_starts
@@ -1549,10 +1561,20 @@ class Attention(nn.Module):
             v = v + value_embed
         window = ctx.windows[self.window_kind]
         y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
+        if self.xsa_alpha is not None:
+            y = exclude_own_value(y, v, self.xsa_alpha)
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
         y = y.reshape(T, -1) @ w[3]
         return y if self.normed_values else out_scale * y
+
+
+def exclude_own_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Learnable exclusive self-attention: y_h - tanh(alpha_h) (y_h . u_h) u_h, u_h the token's own value of
+    head h normalised (norm floored at 1e-4). y, v: (T, heads, head_dim); alpha: (heads,). alpha = 0: y."""
+    unit = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-4)
+    along = (y * unit).sum(-1, keepdim=True)
+    return y - torch.tanh(alpha).type_as(y)[:, None] * along * unit
 
 
 class MLP(nn.Module):
@@ -1577,7 +1599,8 @@ class Block(nn.Module):
         super().__init__()
         kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
         self.value_embed_index = None if table == "." else int(table)
-        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None)
+        xsa = cfg.xsa_pattern[layer] == "X" if cfg.xsa_pattern else False
+        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None, xsa)
                      if kind != "N" else None)
         self.mlp = MLP(cfg)
 
