@@ -111,7 +111,8 @@ class LabelRule:
 LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
 PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
-                    "xsa", "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
+                    "xsa", "bigram_embed", "bigram_lambdas", "scalars", "attn", "attn_gate", "value_embed_gate",
+                    "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
@@ -123,6 +124,8 @@ SHORT_TRACK_LABELS = {
     "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.65, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.65, 0.95)),
     "xsa":         LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
+    "bigram_embed": LabelRule("adam", 75.0, 5.0, (0.75, 0.95)),  # (not in the record; short #89's rule)
+    "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
@@ -140,6 +143,8 @@ MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars 
     "skip_gate":   LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "x0_lambdas":  LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),
     "xsa":         LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
+    "bigram_embed": LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),  # (not in the record)
+    "bigram_lambdas": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),  # (not in the record)
@@ -159,6 +164,8 @@ MEDIUM_2025_12_31_LABELS = {
     "skip_gate":   LabelRule("adam", 0.01, 0.0, (0.8, 0.95)),
     "x0_lambdas":  LabelRule("adam", 5.0, 0.0, (0.8, 0.95)),
     "xsa":         LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
+    "bigram_embed": LabelRule("adam", 75.0, 5.0, (0.8, 0.95)),  # (not in the record)
+    "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon", 0.1),
@@ -265,6 +272,13 @@ class ModelConfig:
     # skips weighted sigmoid(lambda) * 2*sigmoid(linear(x0[:gate_dims])) per token (medium 2025-12-31); needs skip_gate sigmoid
     skip_token_gate: bool = False
     qkv_init_gain: float = setting(0.5, check=POSITIVE)  # Q, K, V uniform in +-gain*sqrt(3/dim)
+    # > 0: a hashed bigram embedding (short #89: 754,560 x 192, zero-init) times a fixed random sign row
+    # (bigram_sign_rows rows), added to the first bigram_dim residual dims with a learned per-layer weight
+    # (init bigram_lambda_init): into x0 before layer 0, and after each later attention sublayer
+    bigram_vocab: int = setting(0, check=NON_NEGATIVE)
+    bigram_dim: int = setting(192, check=POSITIVE)
+    bigram_sign_rows: int = setting(8192, check=POSITIVE)
+    bigram_lambda_init: float = 0.05
     # per layer: X = learnable exclusive self-attention (short #89: layers 1, 3, 4, 7, 8, 10), '.' = none; '' = none
     xsa_pattern: str = setting("", check=(lambda v: not set(v) - set("X."), "use X (XSA) or '.' per layer"),
                                help="per layer X or '.': remove tanh(alpha) of each head's output along the "
@@ -680,6 +694,10 @@ def check_config(cfg: Config) -> None:
         fail("backout_layer", f"only {layers} layers")
     if model.gate_dims > model.model_dim:
         fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
+    if model.bigram_vocab > 0 and model.bigram_dim > model.model_dim:
+        fail("bigram_dim", f"exceeds --model-dim {model.model_dim}")
+    if model.bigram_vocab == 1:
+        fail("bigram_vocab", "needs at least 2 rows (the last is reserved for a sequence's first token)")
     if model.xsa_pattern and len(model.xsa_pattern) != layers:
         fail("xsa_pattern", f"needs one character per layer ({layers} layers), or '' for none")
     if any(x == "X" and w == "N" for x, w in zip(model.xsa_pattern, model.window_pattern)):
@@ -1604,11 +1622,35 @@ class Block(nn.Module):
                      if kind != "N" else None)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
+    def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None) -> torch.Tensor:
+        """after_attention: added to the leading dims of the residual after the attention sublayer."""
         if self.attn is not None:
             value_embed = None if self.value_embed_index is None else ctx.value_embeds[self.value_embed_index]
             x = x + self.attn(rms_norm(x), value_embed, ctx, qkv_scale, out_scale)
+            if after_attention is not None:
+                x = add_to_leading_dims(x, after_attention)
         return x + self.mlp(rms_norm(x))
+
+
+def add_to_leading_dims(x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+    """x with `addend` (T, d) added to its first d dims."""
+    d = addend.size(-1)
+    return torch.cat([x[:, :d] + addend, x[:, d:]], dim=-1)
+
+
+BIGRAM_HASH_MULTIPLIERS = (36313, 27191)  # short #89: h = (36313 x_t XOR 27191 x_{t-1}) mod (rows - 1)
+
+
+def bigram_rows(tokens: torch.Tensor, rows: int, sign_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position: the bigram table row of (previous token, token), and the row of the sign table.
+    The first token of a micro-batch has no previous token: the last (reserved) row and sign row 0. The
+    previous token may end another document, as in the record."""
+    current, previous = tokens[1:].long(), tokens[:-1].long()
+    a, b = BIGRAM_HASH_MULTIPLIERS
+    hashed = torch.bitwise_xor(a * current, b * previous) % (rows - 1)
+    signs = torch.bitwise_xor(previous, current) % sign_rows
+    first = tokens.new_full((1,), rows - 1, dtype=torch.long)
+    return torch.cat([first, hashed]), torch.cat([first * 0, signs])
 
 
 def softcap(logits: torch.Tensor, kind: str, scale: float = 30.0, offset: float = 0.0) -> torch.Tensor:
@@ -1660,6 +1702,11 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
+        self.bigram_embed = self.bigram_lambdas = None
+        if cfg.bigram_vocab > 0:
+            self.bigram_embed = labelled(torch.zeros(cfg.bigram_vocab, cfg.bigram_dim, dtype=dtype), "bigram_embed")
+            self.register_buffer("bigram_signs", torch.randn(cfg.bigram_sign_rows, cfg.bigram_dim).sign().to(dtype))
+            self.bigram_lambdas = labelled(torch.full((L,), cfg.bigram_lambda_init), "bigram_lambdas")
         # Every other learned scalar lives in one vector (one small optimiser group). "qkv" and "out"
         # are the sa lambdas: QKV and O scales, or on the normed value path the weights of v and ve.
         layout = {"resid": L, "qkv": L, "out": L, "skip": len(cfg.skip_connections),
@@ -1730,6 +1777,14 @@ class GPT(nn.Module):
         cfg = self.cfg
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
         x0 = self.input_embeddings(tokens, segments)
+        bigram = [None] * cfg.num_layers
+        if self.bigram_embed is not None:
+            # Layer 0's share goes into x0 itself (the skip gates and every x0 mix see it, as in the
+            # record); each later layer's is added after its attention sublayer.
+            rows, signs = bigram_rows(tokens, cfg.bigram_vocab, cfg.bigram_sign_rows)
+            pairs = F.embedding(rows, self.bigram_embed).type_as(x0[0]) * self.bigram_signs[signs]
+            bigram = [weight * pairs for weight in self.bigram_lambdas.type_as(x0[0])]
+            x0[0] = add_to_leading_dims(x0[0], bigram[0])
         ctx = self.layer_inputs(tokens, segments, windows)
         resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
         skip_weights = self.scalar("skip").type_as(x0[0])
@@ -1745,14 +1800,14 @@ class GPT(nn.Module):
                 if to == i:
                     x = x + skip_weights[..., j, None] * saved[frm]
             x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
-            x = block(x, ctx, qkv_scale[i], out_scale[i])
+            x = block(x, ctx, qkv_scale[i], out_scale[i], bigram[i] if i > 0 else None)
             saved[i] = x
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)
 
     def logits(self, tokens, cu_seqlens, max_seqlen: int, windows: tuple[int, int]) -> torch.Tensor:
-        """Soft-capped fp32 logits, (T, padded vocab); for evaluation and tests."""
+        """Soft-capped logits, (T, padded vocab), fp32 under no_grad (see head); for evaluation and tests."""
         return self.head(self.hidden_states(tokens, cu_seqlens, max_seqlen, windows))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,3 +51,82 @@ def test_xsa_layers_start_as_plain_attention_and_learn_alpha():
 def test_xsa_pattern_is_checked(pattern, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.config_from_args(["--preset", "test", "--xsa-pattern", pattern])
+
+
+# --- bigram hash embedding ------------------------------------------------------------------------
+
+
+def test_bigram_rows_by_hand():
+    tokens = torch.tensor([50256, 7, 50303, 0, 7, 7])
+    rows, signs = tg.bigram_rows(tokens, rows=1000, sign_rows=16)
+    assert rows[0] == 999 and signs[0] == 0  # no previous token: the reserved row
+    for t in range(1, 6):
+        assert rows[t] == ((36313 * int(tokens[t])) ^ (27191 * int(tokens[t - 1]))) % 999
+        assert signs[t] == (int(tokens[t]) ^ int(tokens[t - 1])) % 16
+    # The record's int32 arithmetic cannot overflow for GPT-2 ids: the largest product fits.
+    assert 36313 * 50303 < 2**31
+
+
+def bigram_model(**overrides):
+    cfg = tg.build_config("test", compute_dtype="float32", bigram_vocab=997, bigram_dim=8, bigram_sign_rows=16,
+                          **overrides).model
+    torch.manual_seed(0)
+    return tg.GPT(cfg)
+
+
+def test_bigram_embedding_starts_at_zero_and_learns_only_the_rows_it_used():
+    model = bigram_model()
+    plain = tg.GPT(tg.build_config("test", compute_dtype="float32").model)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    assert set(model.bigram_signs.unique().tolist()) == {-1.0, 1.0}
+    assert (model.bigram_lambdas == 0.05).all() and model.bigram_lambdas.label == "bigram_lambdas"
+    tokens = torch.randint(0, 50000, (48,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    torch.testing.assert_close(model.logits(tokens, cu, 28, (128, 0)), plain.logits(tokens, cu, 28, (128, 0)))
+    model(tokens, tokens, cu, 28, (128, 0)).backward()
+    rows, _ = tg.bigram_rows(tokens, 997, 16)
+    touched = model.bigram_embed.grad.abs().sum(-1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(set(rows.tolist()))
+
+
+def test_bigram_addend_reaches_x0_and_skips_layers_without_attention():
+    """Layers without attention and zero MLP outputs are identities, so with a single layer the output
+    is norm(r0 * x0') with x0' = x0 + the layer-0 bigram addend in the leading dims; a second, attention-free
+    layer adds nothing (the record injects after attention sublayers only)."""
+    model = bigram_model(num_layers=2, window_pattern="NN", value_embed_pattern="..", skip_connections=(),
+                         backout_layer=-1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        model.bigram_embed.normal_(generator=g)
+        model.bigram_lambdas.copy_(torch.tensor([0.7, 3.0]))
+    tokens = torch.randint(0, 50000, (16,), generator=g)
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    with torch.no_grad():
+        out = model.hidden_states(tokens, cu, 16, (128, 0))
+        x0 = model.input_embeddings(tokens, tg.make_segments(cu, 16, 16))[0]
+        rows, signs = tg.bigram_rows(tokens, 997, 16)
+        addend = 0.7 * model.bigram_embed[rows] * model.bigram_signs[signs]
+        expected = torch.nn.functional.rms_norm(torch.cat([x0[:, :8] + addend, x0[:, 8:]], -1), (32,))
+    torch.testing.assert_close(out, expected)
+
+
+def test_bigram_addend_follows_an_attention_sublayer():
+    """Layer 1 has attention with its zero-initialised output matrix (so attention adds nothing) and a zero
+    MLP: out = norm(r1 * r0 * x0' + lambda_1 * addend) in the leading dims."""
+    model = bigram_model(num_layers=2, window_pattern="NS", value_embed_pattern="..", skip_connections=(),
+                         backout_layer=-1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.bigram_embed.normal_(generator=g)
+        model.bigram_lambdas.copy_(torch.tensor([0.7, 3.0]))
+    tokens = torch.randint(0, 50000, (16,), generator=g)
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    with torch.no_grad():
+        out = model.hidden_states(tokens, cu, 16, (128, 0))
+        x0 = model.input_embeddings(tokens, tg.make_segments(cu, 16, 16))[0]
+        rows, signs = tg.bigram_rows(tokens, 997, 16)
+        pairs = model.bigram_embed[rows] * model.bigram_signs[signs]
+        r0, r1 = model.scalar("resid")
+        x = r1 * r0 * torch.cat([x0[:, :8] + 0.7 * pairs, x0[:, 8:]], -1)
+        expected = torch.nn.functional.rms_norm(torch.cat([x[:, :8] + 3.0 * pairs, x[:, 8:]], -1), (32,))
+    torch.testing.assert_close(out, expected)
