@@ -47,10 +47,11 @@ def test_optimiser_settings(cfg):
         "normuon", 0.015, 1.2, 0.95, "polar_express")
     assert (o.adam_lr, o.adam_eps, o.adam_wd, o.adam_every) == (0.004, 1e-8, 0.005, 2)
     assert o.adam_cautious_strict and o.adam_eps_before_correction and o.adam_moment_dtype == "bfloat16"
-    effective = {label: o.adam_lr * rule.lr for label, rule in labels.items() if rule.optimizer != "muon"}
-    assert effective == pytest.approx({"lm_head": 0.004, "untied_embed": 0.004, "embed": 0.3, "value_embed": 0.3,
-                                       "smear_gate": 4e-5, "skip_gate": 4e-5, "x0_lambdas": 0.02, "scalars": 0.04,
-                                       "xsa": 0.004})  # xsa: not in the record (its xsa_pattern is empty)
+    expected = {"lm_head": 0.004, "untied_embed": 0.004, "embed": 0.3, "value_embed": 0.3, "smear_gate": 4e-5,
+                "skip_gate": 4e-5, "x0_lambdas": 0.02, "scalars": 0.04}
+    assert {label: o.adam_lr * labels[label].lr for label in expected} == pytest.approx(expected)
+    model = tg.GPT(small().model)  # the Adam labels its model has are exactly the record's
+    assert {p.label for p in model.parameters() if labels[p.label].optimizer != "muon"} == set(expected)
     assert {k: labels[k].wd for k in ("lm_head", "untied_embed", "embed", "value_embed", "scalars")} == {
         "lm_head": 150.0, "untied_embed": 150.0, "embed": 5.0, "value_embed": 5.0, "scalars": 0.0}
     assert labels["scalars"].betas == (0.9, 0.99) and labels["lm_head"].betas == (0.8, 0.95)
