@@ -408,10 +408,10 @@ class ScheduleConfig:
     window_schedule: str = setting("stages", choices=("stages", "cubic"))  # cubic: the medium track's growth
     short_window_max_blocks: int = setting(0, check=NON_NEGATIVE)  # cap on the short window (0: none; medium 12-31: 11)
     yarn_max_window_blocks: int = setting(0, check=NON_NEGATIVE)  # YaRN only while the long window <= this (0: always)
-    # > 0: multi-token prediction over this fraction of the scheduled steps (medium 2025-12-31: 1/4): targets
-    # t+1, t+2, t+3 weighted 1, 0.5, 0.25->0 over its first third, then t+1, t+2 with 1, 0.5->0, then t+1 alone
-    multi_token_frac: float = setting(0.0, check=FRACTION, help="multi-token prediction (3, then 2 targets) over "
-                                                                 "this fraction of training (0: off)")
+    # Multi-token prediction over the first two batch stages (medium 2025-12-31, short #89): targets t+1, t+2,
+    # t+3 weighted 1, 0.5, 0.25->0 through stage 0, then t+1, t+2 with 1, 0.5->0 through stage 1, then t+1 alone
+    multi_token_prediction: bool = setting(False, help="predict 3, then 2 targets per position over the first two "
+                                                       "batch stages, weights fading within each")
     window_cubic_max_tokens: int = 3456
     lr_stage_multipliers: tuple = setting((1.0, 1.51, 1.93), check=NON_EMPTY)
     cooldown_frac: float = 0.55
@@ -501,7 +501,7 @@ PRESETS: dict[str, dict] = {
             long_window_blocks_extension=23, long_window_blocks_final_val=27,
             short_window_max_blocks=11, yarn_max_window_blocks=13,
             lr_stage_multipliers=(1.0, 1.52, 1.73) + (2.0,) * 9, cooldown_frac=0.7, lr_min_frac=0.1,
-            multi_token_frac=0.25, scalar_pause_steps=0),
+            multi_token_prediction=True, scalar_pause_steps=0),
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         "run": dict(target_val_loss=5.9),
@@ -538,7 +538,7 @@ PRESETS: dict[str, dict] = {
             long_window_blocks_stages=(1, 2, 3) + (4,) * 9, long_window_blocks_extension=4,
             long_window_blocks_final_val=6, short_window_max_blocks=2, yarn_max_window_blocks=3,
             lr_stage_multipliers=(1.0, 1.52, 1.73) + (2.0,) * 9, cooldown_frac=0.7, lr_min_frac=0.1,
-            multi_token_frac=0.25, momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=0),
+            multi_token_prediction=True, momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=0),
         "loop": dict(val_every=25, warmup_steps=0),
     },
     "test": {  # the smallest model of the same architecture, for the test suite
@@ -2931,15 +2931,16 @@ class Schedule:
         return momentum
 
     def target_weights(self, step: int) -> tuple | None:
-        """Multi-token prediction over the first multi_token_frac of the steps (medium 2025-12-31): with x
-        the progress through it, targets t+1, t+2, t+3 weigh 1, 0.5, 0.25(1-3x) for x < 1/3, then t+1, t+2
-        weigh 1, 0.5(2-3x) for x < 2/3; then None, the plain next-token loss."""
-        frac = self.cfg.multi_token_frac
-        x = step / (self.cfg.num_iterations * frac) if frac > 0 else 1.0
-        if x < 1 / 3:
-            return (1.0, 0.5, 0.25 * (1 - 3 * x))
-        if x < 2 / 3:
-            return (1.0, 0.5 * (2 - 3 * x))
+        """Multi-token prediction weights (None: the plain next-token loss). With y = stages * step /
+        num_iterations the progress in batch stages (y - k is the fraction through stage k): targets t+1, t+2,
+        t+3 weigh 1, 0.5, 0.25(1 - y) for y < 1, then t+1, t+2 weigh 1, 0.5(2 - y) for y < 2 (both records)."""
+        if not self.cfg.multi_token_prediction:
+            return None
+        y = len(self.cfg.batch_tokens_stages) * step / self.cfg.num_iterations
+        if y < 1:
+            return (1.0, 0.5, 0.25 * (1 - y))
+        if y < 2:
+            return (1.0, 0.5 * (2 - y))
         return None
 
     def at(self, step: int) -> StepPlan:

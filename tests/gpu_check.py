@@ -306,9 +306,13 @@ def stage_medium_steps() -> dict:
 def stage_medium_2025_12_31_steps() -> dict:
     """The medium_2025_12_31 preset at its final batch and window, shrunk to 12 + 2 steps so that its
     multi-token phases (3, 2, 1 targets) and the untied embedding (from step 4) each compile once."""
+    def twelve(value) -> str:  # the record's 12 stages, all at the final size: the MTP weights fade by stage
+        return ",".join([str(value)] * 12)
+
     cfg = speed_config("medium_2025_12_31", "--num-iterations", "12", "--extension-iterations", "2",
-                       "--warmup-steps", "4", "--batch-tokens-stages", "524288", "--long-window-blocks-stages", "23",
-                       "--lr-stage-multipliers", "2.0", "--val-tokens", str(2 * 1024 * 1024), "--val-every", "0")
+                       "--warmup-steps", "4", "--batch-tokens-stages", twelve(524288),
+                       "--long-window-blocks-stages", twelve(23), "--val-tokens", str(2 * 1024 * 1024),
+                       "--val-every", "0")
     result = timed_run(cfg, steps_per_stage=14)
     result["ok"] = result["recompiles_after_warmup"] == 0 and math.isfinite(result["final_validation"]["val_loss"])
     return result

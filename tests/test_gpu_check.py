@@ -82,9 +82,10 @@ def test_untie_and_multi_token_phases_compile_once_on_cpu():
     small = ["--num-layers", "2", "--model-dim", "32", "--head-dim", "16", "--gate-dims", "8", "--window-pattern", "LS",
              "--value-embed-pattern", "0.", "--skip-connections", "1<0", "--backout-layer", "0"]
     cfg = gpu_check.speed_config("medium_2025_12_31_cpu", "--compile-backend", "aot_eager", "--num-iterations", "12",
-                                 "--extension-iterations", "2", "--warmup-steps", "4", "--batch-tokens-stages", "512",
-                                 "--batch-tokens-extension", "512", "--long-window-blocks-stages", "4",
-                                 "--lr-stage-multipliers", "2.0", "--val-tokens", "4096", "--val-every", "0", *small)
+                                 "--extension-iterations", "2", "--warmup-steps", "4",
+                                 "--batch-tokens-stages", ",".join(["512"] * 12), "--batch-tokens-extension", "512",
+                                 "--long-window-blocks-stages", ",".join(["4"] * 12), "--val-tokens", "4096",
+                                 "--val-every", "0", *small)
     result = gpu_check.timed_run(cfg, steps_per_stage=14, device=torch.device("cpu"))
     assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0, result
     assert math.isfinite(result["final_validation"]["val_loss"])

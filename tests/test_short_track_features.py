@@ -130,3 +130,14 @@ def test_bigram_addend_follows_an_attention_sublayer():
         x = r1 * r0 * torch.cat([x0[:, :8] + 0.7 * pairs, x0[:, 8:]], -1)
         expected = torch.nn.functional.rms_norm(torch.cat([x[:, :8] + 3.0 * pairs, x[:, 8:]], -1), (32,))
     torch.testing.assert_close(out, expected)
+
+
+def test_multi_token_weights_fade_through_the_first_two_batch_stages():
+    """Short #89 (three stages): 3 targets through stage 0, 2 through stage 1, then 1; each fading weight
+    falls linearly with the fraction through its stage. (The medium record's twelve stages: tests there.)"""
+    schedule = tg.Schedule.of(tg.build_config("short", multi_token_prediction=True))
+    assert schedule.target_weights(0) == (1.0, 0.5, 0.25)
+    assert schedule.target_weights(490) == pytest.approx((1.0, 0.5, 0.25 * (1 - 0.75)))  # 3/4 through stage 0
+    assert schedule.target_weights(980) == pytest.approx((1.0, 0.25))  # half way through stage 1
+    assert schedule.target_weights(1307) is None and schedule.target_weights(1999) is None
+    assert tg.Schedule.of(tg.build_config("short")).target_weights(0) is None  # off by default
