@@ -89,33 +89,14 @@ def test_bigram_embedding_starts_at_zero_and_learns_only_the_rows_it_used():
     assert touched.nonzero().flatten().tolist() == sorted(set(rows.tolist()))
 
 
-def test_bigram_addend_reaches_x0_and_skips_layers_without_attention():
-    """Layers without attention and zero MLP outputs are identities, so with a single layer the output
-    is norm(r0 * x0') with x0' = x0 + the layer-0 bigram addend in the leading dims; a second, attention-free
-    layer adds nothing (the record injects after attention sublayers only)."""
-    model = bigram_model(num_layers=2, window_pattern="NN", value_embed_pattern="..", skip_connections=(),
-                         backout_layer=-1)
+@pytest.mark.parametrize("second_layer", ["N", "S"])
+def test_bigram_addend_goes_into_x0_and_after_later_attention_sublayers(second_layer):
+    """Two layers whose attention (zero-initialised output matrix) and MLP (zero output matrix) add nothing,
+    so out = norm(r1 * r0 * x0' [+ lambda_1 * addend if layer 1 has attention]) with x0' = x0 + lambda_0 *
+    addend in the leading dims: the record injects into x0, then after attention sublayers only."""
+    model = bigram_model(num_layers=2, window_pattern="N" + second_layer, value_embed_pattern="..",
+                         skip_connections=(), backout_layer=-1)
     g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        model.bigram_embed.normal_(generator=g)
-        model.bigram_lambdas.copy_(torch.tensor([0.7, 3.0]))
-    tokens = torch.randint(0, 50000, (16,), generator=g)
-    cu = torch.tensor([0, 16], dtype=torch.int32)
-    with torch.no_grad():
-        out = model.hidden_states(tokens, cu, 16, (128, 0))
-        x0 = model.input_embeddings(tokens, tg.make_segments(cu, 16, 16))[0]
-        rows, signs = tg.bigram_rows(tokens, 997, 16)
-        addend = 0.7 * model.bigram_embed[rows] * model.bigram_signs[signs]
-        expected = torch.nn.functional.rms_norm(torch.cat([x0[:, :8] + addend, x0[:, 8:]], -1), (32,))
-    torch.testing.assert_close(out, expected)
-
-
-def test_bigram_addend_follows_an_attention_sublayer():
-    """Layer 1 has attention with its zero-initialised output matrix (so attention adds nothing) and a zero
-    MLP: out = norm(r1 * r0 * x0' + lambda_1 * addend) in the leading dims."""
-    model = bigram_model(num_layers=2, window_pattern="NS", value_embed_pattern="..", skip_connections=(),
-                         backout_layer=-1)
-    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         model.bigram_embed.normal_(generator=g)
         model.bigram_lambdas.copy_(torch.tensor([0.7, 3.0]))
@@ -128,7 +109,9 @@ def test_bigram_addend_follows_an_attention_sublayer():
         pairs = model.bigram_embed[rows] * model.bigram_signs[signs]
         r0, r1 = model.scalar("resid")
         x = r1 * r0 * torch.cat([x0[:, :8] + 0.7 * pairs, x0[:, 8:]], -1)
-        expected = torch.nn.functional.rms_norm(torch.cat([x[:, :8] + 3.0 * pairs, x[:, 8:]], -1), (32,))
+        if second_layer == "S":
+            x = torch.cat([x[:, :8] + 3.0 * pairs, x[:, 8:]], -1)
+        expected = torch.nn.functional.rms_norm(x, (32,))
     torch.testing.assert_close(out, expected)
 
 
