@@ -92,6 +92,14 @@ def parse_skips(text: str, current=None) -> tuple:
     return tuple(pairs)
 
 
+def parse_ints(name: str, text: str) -> tuple:
+    """'896,2048' -> (896, 2048)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: expects comma-separated integers") from None
+
+
 def show_skips(pairs) -> str:
     return ",".join(f"{to}<{frm}" for to, frm in pairs)
 
@@ -403,6 +411,10 @@ class ScheduleConfig:
     batch_tokens_stages: tuple = setting((131_072, 262_144, 393_216), check=NON_EMPTY)  # one per equal part
     batch_tokens_extension: int = 393_216
     long_window_blocks_stages: tuple = setting((3, 7, 11), check=NON_EMPTY)  # one per stage
+    # per batch stage, the longest training sequence (the last entry also in the extension; empty: max_seq_len
+    # throughout); short #89: 896, 2048, 2048
+    max_seq_len_stages: tuple = setting((), parse=lambda text, current: parse_ints("max_seq_len_stages", text),
+                                        help="longest training sequence per batch stage, each <= max_seq_len")
     long_window_blocks_extension: int = 13
     long_window_blocks_final_val: int = 20
     window_schedule: str = setting("stages", choices=("stages", "cubic"))  # cubic: the medium track's growth
@@ -676,6 +688,8 @@ def check_config(cfg: Config) -> None:
     for tokens in (*sched.batch_tokens_stages, sched.batch_tokens_extension):
         if tokens <= 0 or tokens % data.batch_slices:
             raise ConfigError(f"batch of {tokens} tokens is not divisible into --batch-slices {data.batch_slices}")
+    if any(not 0 < n <= data.max_seq_len for n in sched.max_seq_len_stages):
+        fail("max_seq_len_stages", f"each must be in 1..--max-seq-len {data.max_seq_len}")
     if data.val_tokens % data.val_batch_tokens or data.val_batch_tokens % data.batch_slices:
         raise ConfigError(f"--val-tokens {data.val_tokens} must be a multiple of --val-batch-tokens "
                           f"{data.val_batch_tokens}, itself a multiple of --batch-slices {data.batch_slices} "
@@ -1002,11 +1016,12 @@ class TrainLoader:
         self.rank, self.world_size, self.slices = rank, world_size, slices
         self.max_seq_len, self.long_documents, self.device = max_seq_len, long_documents, device
 
-    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+    def next_step(self, batch_tokens: int, max_seq_len: int | None = None) -> list[MicroBatch]:
+        """max_seq_len: this step's limit (a schedule's stage), at most the loader's."""
         slice_tokens = batch_tokens // self.slices
         micro = []
         for i in range(self.slices):
-            pieces = self.stream.next_slice(slice_tokens, self.max_seq_len)
+            pieces = self.stream.next_slice(slice_tokens, max_seq_len or self.max_seq_len)
             if i % self.world_size == self.rank:
                 micro.append(pack_sequences(pieces, self.device))
         return micro
@@ -1072,13 +1087,14 @@ class ContiguousLoader:
         self.pos += batch_tokens
         return start
 
-    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+    def next_step(self, batch_tokens: int, max_seq_len: int | None = None) -> list[MicroBatch]:
         slice_tokens = batch_tokens // self.slices
         window = self._next_window(batch_tokens)
+        limit = max_seq_len or self.max_seq_len
         micro = []
         for i in range(self.rank, self.slices, self.world_size):
             chunk = self.tokens[window + i * slice_tokens:window + (i + 1) * slice_tokens + 1]
-            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id, self.max_seq_len), self.device))
+            micro.append(pack_sequences(split_at_documents(np.asarray(chunk), self.bos_id, limit), self.device))
         return micro
 
     def describe(self) -> list[str]:
@@ -1105,15 +1121,16 @@ class SyntheticLoader:
         self.max_seq_len, self.bos_id, self.vocab_size = max_seq_len, bos_id, vocab_size
         self.device, self.seed, self.step = device, seed, 0
 
-    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
+    def next_step(self, batch_tokens: int, max_seq_len: int | None = None) -> list[MicroBatch]:
         slice_tokens = batch_tokens // self.slices
+        limit = max_seq_len or self.max_seq_len
         micro = []
         for i in range(self.rank, self.slices, self.world_size):
             rng = np.random.default_rng([self.seed, self.step, i])
             tokens = rng.integers(0, self.bos_id, size=slice_tokens + 1, dtype=np.int64)
             pieces, pos = [], 0
             while pos < len(tokens):
-                length = int(min(rng.integers(50, 2000), self.max_seq_len, len(tokens) - pos))
+                length = int(min(rng.integers(50, 2000), limit, len(tokens) - pos))
                 piece = tokens[pos:pos + length].copy()
                 piece[0] = self.bos_id
                 pieces.append(piece)
@@ -1139,7 +1156,7 @@ class PrefetchingLoader:
     """Builds the next step's micro-batches in a background thread while this step trains.
 
     The batches are exactly the wrapped loader's, in the same order. The next step is
-    guessed to have this step's batch size; when the guess is wrong (a batch-size stage
+    guessed to have this step's batch size and sequence limit; when the guess is wrong (a stage
     change) or the state is restored (warm-up, resume), the wrapped loader is rewound
     to where the guess started and the batch is built synchronously. state_dict() is the
     position after the batches handed out, not after the one being prepared, so
@@ -1149,10 +1166,10 @@ class PrefetchingLoader:
     def __init__(self, loader, device):
         self.loader, self.device = loader, torch.device(device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
-        self._pending: tuple[int, dict, Future] | None = None  # (guessed batch_tokens, state before, build)
+        self._pending: tuple[tuple, dict, Future] | None = None  # (guessed arguments, state before, build)
 
-    def _build(self, batch_tokens: int) -> list[MicroBatch]:
-        micro = self.loader.next_step(batch_tokens)
+    def _build(self, batch_tokens: int, max_seq_len: int | None) -> list[MicroBatch]:
+        micro = self.loader.next_step(batch_tokens, max_seq_len)
         return [mb.pin_memory() for mb in micro] if self.device.type == "cuda" else micro
 
     def _drop_pending(self) -> None:
@@ -1163,16 +1180,17 @@ class PrefetchingLoader:
             future.exception()
             self.loader.load_state_dict(state)
 
-    def next_step(self, batch_tokens: int) -> list[MicroBatch]:
-        if self._pending is not None and self._pending[0] == batch_tokens:
+    def next_step(self, batch_tokens: int, max_seq_len: int | None = None) -> list[MicroBatch]:
+        arguments = (batch_tokens, max_seq_len)
+        if self._pending is not None and self._pending[0] == arguments:
             future = self._pending[2]
             self._pending = None
             micro = future.result()  # raises what the synchronous call would have raised
         else:
             self._drop_pending()
-            micro = self._build(batch_tokens)
+            micro = self._build(*arguments)
         state = copy.deepcopy(self.loader.state_dict())
-        self._pending = (batch_tokens, state, self._executor.submit(self._build, batch_tokens))
+        self._pending = (arguments, state, self._executor.submit(self._build, *arguments))
         return [mb.to(self.device) for mb in micro]
 
     def describe(self) -> list[str]:
@@ -2830,6 +2848,7 @@ class StepPlan:
     stage_changed: bool = False  # the batch/window stage changed at this step: pause the scalar Adam
     untie_embedding: bool = False  # the first step with an untied input embedding: copy the head and its Adam state
     target_weights: tuple | None = None  # multi-token prediction weights of targets t+1, t+2, ... (None: plain)
+    max_seq_len: int | None = None  # this stage's longest training sequence (None: the data's max_seq_len)
 
 
 class Schedule:
@@ -2930,6 +2949,10 @@ class Schedule:
             momentum = momentum + (lo - momentum) * cool
         return momentum
 
+    def max_seq_len(self, step: int) -> int | None:
+        stages = self.cfg.max_seq_len_stages
+        return stages[min(self.stage_index(step), len(stages) - 1)] if stages else None
+
     def target_weights(self, step: int) -> tuple | None:
         """Multi-token prediction weights (None: the plain next-token loss). With y = stages * step /
         num_iterations the progress in batch stages (y - k is the fraction through stage k): targets t+1, t+2,
@@ -2952,7 +2975,8 @@ class Schedule:
                         lr_multiplier=self.lr_multiplier(step), momentum=self.momentum(step),
                         window_grew_from=previous if grew else None,
                         stage_changed=step > 0 and self.stage_index(step) != self.stage_index(step - 1),
-                        untie_embedding=step == self.untie_step, target_weights=self.target_weights(step))
+                        untie_embedding=step == self.untie_step, target_weights=self.target_weights(step),
+                        max_seq_len=self.max_seq_len(step))
 
     def untied_at(self, step: int) -> bool:
         return self.untie_step is not None and step >= self.untie_step
@@ -2963,7 +2987,7 @@ class Schedule:
         first = {}
         for step in range(self.total_steps):
             shape = (self.batch_tokens(step), self.long_window(step), self.untied_at(step),
-                     len(self.target_weights(step) or ()))
+                     len(self.target_weights(step) or ()), self.max_seq_len(step))
             first.setdefault(shape, step)
         return list(first.values())
 
@@ -3299,9 +3323,9 @@ def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Confi
             untie_embedding(raw_model, optimizers)
         for _ in range(per_shape):
             plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows,
-                                       target_weights=shape.target_weights)
-            train_step(model, optimizers, loader.next_step(plan.batch_tokens), plan, cfg.data.max_seq_len,
-                       cfg.loop.train_loss_reduction)
+                                       target_weights=shape.target_weights, max_seq_len=shape.max_seq_len)
+            train_step(model, optimizers, loader.next_step(plan.batch_tokens, plan.max_seq_len), plan,
+                       plan.max_seq_len or cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
             step += 1
     for windows in schedule.all_val_windows(cfg.loop.val_every):
         evaluate(model, val_batches[:1], windows, 1, train_micro_batch_tokens(cfg))
@@ -3413,8 +3437,8 @@ class TrainingRun:
                 val_loss = self.validate(step)
             if step == steps:
                 break
-            loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens), plan,
-                                  cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
+            loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens, plan.max_seq_len),
+                                  plan, plan.max_seq_len or cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
             self.log_step(plan, loss_sum)
             done = step + 1
             if cfg.loop.checkpoint_every > 0 and done % cfg.loop.checkpoint_every == 0 and done < steps:

@@ -482,17 +482,21 @@ def test_prefetched_stream_equals_the_synchronous_one(tmp_path, stream):
         return tg.PrefetchingLoader(loader, "cpu") if prefetch else loader
 
     sync, ahead = make(False), make(True)
-    # batch-size changes make the prefetcher's guess wrong; a restore mid-way is what warm-up and resume do
-    schedule = [256, 256, 512, 512, 512, 1024, 256, 256] * 4
+    # batch-size and sequence-limit changes make the prefetcher's guess wrong; a restore mid-way is what
+    # warm-up and resume do
+    schedule = [(256, 16), (256, 16), (512, 16), (512, None), (512, None), (1024, 32), (256, None), (256, None)] * 4
     saved = None
-    for step, batch_tokens in enumerate(schedule):
+    for step, (batch_tokens, limit) in enumerate(schedule):
         if step == 10:
             saved = (sync.state_dict(), ahead.state_dict())
             assert saved[0] == saved[1]  # the prefetcher reports the position of the batches handed out
         if step == 20:
             sync.load_state_dict(saved[0])
             ahead.load_state_dict(saved[1])
-        for a, b in zip(all_tensors(sync.next_step(batch_tokens)), all_tensors(ahead.next_step(batch_tokens))):
+        synchronous = sync.next_step(batch_tokens, limit)
+        if stream == "bos_aligned":
+            assert max(mb.max_seqlen for mb in synchronous) <= (limit or 64)
+        for a, b in zip(all_tensors(synchronous), all_tensors(ahead.next_step(batch_tokens, limit))):
             for x, y in zip(a, b):
                 assert torch.equal(x, y) if torch.is_tensor(x) else x == y
         assert ahead._pending is not None  # the next step is being built in the background

@@ -124,3 +124,34 @@ def test_multi_token_weights_fade_through_the_first_two_batch_stages():
     assert schedule.target_weights(980) == pytest.approx((1.0, 0.25))  # half way through stage 1
     assert schedule.target_weights(1307) is None and schedule.target_weights(1999) is None
     assert tg.Schedule.of(tg.build_config("short")).target_weights(0) is None  # off by default
+
+
+def test_max_seq_len_follows_the_batch_stages(tmp_path, monkeypatch):
+    """Short #89: sequences of at most 896 tokens in stage 0, then 2048. Here the test preset, 32 then 128:
+    every training micro-batch respects its stage's limit, which is also the compiled model's max_seqlen."""
+    schedule = tg.Schedule.of(tg.build_config("short", max_seq_len_stages=(896, 2048, 2048)))
+    assert [schedule.at(s).max_seq_len for s in (0, 653, 654, 1999)] == [896, 896, 2048, 2048]
+    assert tg.Schedule.of(tg.build_config("short")).at(0).max_seq_len is None
+    with pytest.raises(tg.ConfigError, match="--max-seq-len-stages"):
+        tg.build_config("short", max_seq_len_stages=(4096,))
+    seen = []
+    loss = tg.micro_batch_loss
+
+    def recording(model, mb, windows, max_seqlen, loss_piece=0, target_weights=None):
+        if torch.is_grad_enabled():
+            seen.append((mb.max_seqlen, max_seqlen))
+        return loss(model, mb, windows, max_seqlen, loss_piece, target_weights)
+
+    monkeypatch.setattr(tg, "micro_batch_loss", recording)
+    cfg = tg.config_from_args(["--preset", "test", "--log-dir", str(tmp_path), "--run-id", "seq",
+                               "--max-seq-len-stages", "32,128,128", "--val-every", "0"])
+    tg.train(cfg, [])
+    per_step = len(seen) // 14
+    limits = [limit for _, limit in seen[::per_step]]
+    assert limits == [32] * 4 + [128] * 10  # stages of 12 // 3 = 4 steps, then the extension
+    assert all(longest <= limit for longest, limit in seen)
+
+
+def test_max_seq_len_stages_must_be_integers():
+    with pytest.raises(tg.ConfigError, match="--max-seq-len-stages '32,x': expects comma-separated integers"):
+        tg.config_from_args(["--preset", "test", "--max-seq-len-stages", "32,x"])
