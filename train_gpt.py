@@ -465,6 +465,13 @@ CONFIG_GROUPS = {g.name: g.default_factory for g in fields(Config)}
 # field name -> (group name, dataclass field): the flat namespace of the command line and the log.
 CONFIG_FIELDS = {f.name: (group, f) for group, cls in CONFIG_GROUPS.items() for f in fields(cls)}
 
+# The CPU presets train on the shipped sample; the 50,304-wide logits dominate a CPU step, so batches are small.
+CPU_SAMPLE_DATA = dict(train_files="data/sample/tinyshakespeare_train_*.bin",
+                       val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
+                       max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096)
+MEDIUM_2025_12_31_OPTIM = dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True,
+                               muon_lr=0.015)
+
 PRESETS: dict[str, dict] = {
     "short": {},
     "medium": {
@@ -505,7 +512,7 @@ PRESETS: dict[str, dict] = {
             input_embeds=2, untie_embedding_frac=1 / 6, gate_dims=16, value_embed_gate=True,
             skip_connections=((9, 6), (10, 4), (11, 2)), skip_token_gate=True, backout_layer=11,
             resid_lambda_init=1.05, qkv_init_gain=1.0, softcap_scale=23.0, softcap_offset=5.0, fp8_head=False),
-        "optim": dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True, muon_lr=0.015),
+        "optim": MEDIUM_2025_12_31_OPTIM,
         "schedule": dict(
             num_iterations=4700, extension_iterations=40,
             batch_tokens_stages=(131_072, 262_144, 393_216) + (524_288,) * 9, batch_tokens_extension=524_288,
@@ -517,10 +524,7 @@ PRESETS: dict[str, dict] = {
     },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         "run": dict(target_val_loss=5.9),
-        # The 50,304-wide logits dominate a CPU step, so batches are small.
-        "data": dict(train_files="data/sample/tinyshakespeare_train_*.bin",
-                     val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
-                     max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096),
+        "data": CPU_SAMPLE_DATA,
         "model": dict(num_layers=6, model_dim=128, num_heads=2, head_dim=64, window_block=64,
                       window_pattern="SLSNSL", value_embed_pattern="01..01", skip_connections=((4, 1),),
                       backout_layer=3),
@@ -534,16 +538,14 @@ PRESETS: dict[str, dict] = {
     },
     "medium_2025_12_31_cpu": {  # the medium_2025_12_31 recipe at the cpu preset's size, on data/sample
         "run": dict(target_val_loss=5.9),
-        "data": dict(train_files="data/sample/tinyshakespeare_train_*.bin",
-                     val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
-                     max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096),
+        "data": CPU_SAMPLE_DATA,
         "model": dict(
             num_layers=6, model_dim=128, num_heads=2, head_dim=64, window_block=64,
             window_pattern="LSSLSL", value_embed_pattern="01..01", input_embeds=2, untie_embedding_frac=1 / 6,
             gate_dims=16, value_embed_gate=True, skip_connections=((4, 1), (5, 0)), skip_token_gate=True,
             backout_layer=4, resid_lambda_init=1.05, qkv_init_gain=1.0, softcap_scale=23.0, softcap_offset=5.0,
             fp8_head=False),
-        "optim": dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True, muon_lr=0.015),
+        "optim": MEDIUM_2025_12_31_OPTIM,
         "schedule": dict(
             num_iterations=150, extension_iterations=10,
             batch_tokens_stages=(512, 768, 1024) + (1024,) * 9, batch_tokens_extension=1024,
@@ -1795,14 +1797,14 @@ class GPT(nn.Module):
         cfg = self.cfg
         segments = make_segments(cu_seqlens, max_seqlen, tokens.numel())
         x0 = self.input_embeddings(tokens, segments)
-        bigram = [None] * cfg.num_layers
+        bigram = None
         if self.bigram_embed is not None:
             # Layer 0's share goes into x0 itself (the skip gates and every x0 mix see it, as in the
             # record); each later layer's is added after its attention sublayer.
             rows, signs = bigram_rows(tokens, cfg.bigram_vocab, cfg.bigram_sign_rows)
-            pairs = F.embedding(rows, self.bigram_embed).type_as(x0[0]) * self.bigram_signs[signs]
-            bigram = [weight * pairs for weight in self.bigram_lambdas.type_as(x0[0])]
-            x0[0] = add_to_leading_dims(x0[0], bigram[0])
+            bigram = F.embedding(rows, self.bigram_embed).type_as(x0[0]) * self.bigram_signs[signs]
+            bigram_weights = self.bigram_lambdas.type_as(x0[0])
+            x0[0] = add_to_leading_dims(x0[0], bigram_weights[0] * bigram)
         ctx = self.layer_inputs(tokens, segments, windows)
         resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
         skip_weights = self.scalar("skip").type_as(x0[0])
@@ -1818,7 +1820,9 @@ class GPT(nn.Module):
                 if to == i:
                     x = x + skip_weights[..., j, None] * saved[frm]
             x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
-            x = block(x, ctx, qkv_scale[i], out_scale[i], bigram[i] if i > 0 else None)
+            injects = bigram is not None and i > 0 and block.attn is not None
+            after_attention = bigram_weights[i] * bigram if injects else None
+            x = block(x, ctx, qkv_scale[i], out_scale[i], after_attention)
             saved[i] = x
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
@@ -2848,13 +2852,16 @@ class StepPlan:
     stage_changed: bool = False  # the batch/window stage changed at this step: pause the scalar Adam
     untie_embedding: bool = False  # the first step with an untied input embedding: copy the head and its Adam state
     target_weights: tuple | None = None  # multi-token prediction weights of targets t+1, t+2, ... (None: plain)
-    max_seq_len: int | None = None  # this stage's longest training sequence (None: the data's max_seq_len)
+    max_seq_len: int | None = None  # this stage's longest training sequence (the compiled model's max_seqlen)
 
 
 class Schedule:
-    def __init__(self, cfg: ScheduleConfig, window_block: int, untie_step: int | None = None):
-        """untie_step: the first step trained with an untied input embedding (None: never)."""
+    def __init__(self, cfg: ScheduleConfig, window_block: int, untie_step: int | None = None,
+                 max_seq_len: int | None = None):
+        """untie_step: the first step trained with an untied input embedding (None: never); max_seq_len:
+        the data's, the longest sequence of a step whose stage sets none."""
         self.cfg, self.window_block, self.untie_step = cfg, window_block, untie_step
+        self.default_max_seq_len = max_seq_len
         self.total_steps = cfg.num_iterations + cfg.extension_iterations
 
     @classmethod
@@ -2868,7 +2875,7 @@ class Schedule:
             last_tied = math.ceil(cfg.model.untie_embedding_frac * cfg.schedule.num_iterations)
             last_tied += (every - 1 - last_tied) % every
             untie_step = last_tied + 1
-        return cls(cfg.schedule, cfg.model.window_block, untie_step)
+        return cls(cfg.schedule, cfg.model.window_block, untie_step, cfg.data.max_seq_len)
 
     def stage_index(self, step: int) -> int:
         """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
@@ -2951,7 +2958,7 @@ class Schedule:
 
     def max_seq_len(self, step: int) -> int | None:
         stages = self.cfg.max_seq_len_stages
-        return stages[min(self.stage_index(step), len(stages) - 1)] if stages else None
+        return stages[min(self.stage_index(step), len(stages) - 1)] if stages else self.default_max_seq_len
 
     def target_weights(self, step: int) -> tuple | None:
         """Multi-token prediction weights (None: the plain next-token loss). With y = stages * step /
@@ -3325,7 +3332,7 @@ def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Confi
             plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows,
                                        target_weights=shape.target_weights, max_seq_len=shape.max_seq_len)
             train_step(model, optimizers, loader.next_step(plan.batch_tokens, plan.max_seq_len), plan,
-                       plan.max_seq_len or cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
+                       plan.max_seq_len, cfg.loop.train_loss_reduction)
             step += 1
     for windows in schedule.all_val_windows(cfg.loop.val_every):
         evaluate(model, val_batches[:1], windows, 1, train_micro_batch_tokens(cfg))
@@ -3438,7 +3445,7 @@ class TrainingRun:
             if step == steps:
                 break
             loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens, plan.max_seq_len),
-                                  plan, plan.max_seq_len or cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
+                                  plan, plan.max_seq_len, cfg.loop.train_loss_reduction)
             self.log_step(plan, loss_sum)
             done = step + 1
             if cfg.loop.checkpoint_every > 0 and done % cfg.loop.checkpoint_every == 0 and done < steps:

@@ -251,7 +251,7 @@ def timed_run(cfg: tg.Config, steps_per_stage: int, device=torch.device("cuda", 
             plan = schedule.at(step)
             tg.apply_transitions(plan, raw_model, optimizers, cfg.schedule.scalar_pause_steps)
             tg.train_step(model, optimizers, loader.next_step(plan.batch_tokens, plan.max_seq_len), plan,
-                          plan.max_seq_len or cfg.data.max_seq_len, cfg.loop.train_loss_reduction)
+                          plan.max_seq_len, cfg.loop.train_loss_reduction)
             step += 1
         sync()
         ms = 1000 * (time.perf_counter() - t) / (step - first)

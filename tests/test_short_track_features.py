@@ -131,7 +131,7 @@ def test_max_seq_len_follows_the_batch_stages(tmp_path, monkeypatch):
     every training micro-batch respects its stage's limit, which is also the compiled model's max_seqlen."""
     schedule = tg.Schedule.of(tg.build_config("short", max_seq_len_stages=(896, 2048, 2048)))
     assert [schedule.at(s).max_seq_len for s in (0, 653, 654, 1999)] == [896, 896, 2048, 2048]
-    assert tg.Schedule.of(tg.build_config("short")).at(0).max_seq_len is None
+    assert tg.Schedule.of(tg.build_config("short")).at(0).max_seq_len == 2048  # the data's, without stages
     with pytest.raises(tg.ConfigError, match="--max-seq-len-stages"):
         tg.build_config("short", max_seq_len_stages=(4096,))
     seen = []
