@@ -3426,6 +3426,10 @@ class TrainingRun:
             self.start_step, resumed_ms = state["step"], state["train_time_ms"]
             log(f"resumed from {cfg.loop.resume} at step {self.start_step}")
         self.clock = TrainClock(self.sync, resumed_ms)
+        # Work done so far, for tokens/s and MFU over the whole run: batch sizes and windows change by stage.
+        self.tokens_trained, self.flops_trained, self.flops_per_token = 0, 0.0, {}
+        for step in range(self.start_step):
+            self.count_work(self.schedule.at(step))
 
     def run(self) -> dict:
         cfg, steps = self.cfg, self.schedule.total_steps
@@ -3446,6 +3450,7 @@ class TrainingRun:
                 break
             loss_sum = train_step(self.model, self.optimizers, self.loader.next_step(plan.batch_tokens, plan.max_seq_len),
                                   plan, plan.max_seq_len, cfg.loop.train_loss_reduction)
+            self.count_work(plan)
             self.log_step(plan, loss_sum)
             done = step + 1
             if cfg.loop.checkpoint_every > 0 and done % cfg.loop.checkpoint_every == 0 and done < steps:
@@ -3475,6 +3480,13 @@ class TrainingRun:
         self.clock.start()
         return val_loss
 
+    def count_work(self, plan: StepPlan) -> None:
+        window = plan.windows[0]
+        if window not in self.flops_per_token:
+            self.flops_per_token[window] = matmul_flops_per_token(self.raw_model, self.cfg.data.max_seq_len, window)
+        self.tokens_trained += plan.batch_tokens
+        self.flops_trained += plan.batch_tokens * self.flops_per_token[window]
+
     def log_step(self, plan: StepPlan, loss_sum: torch.Tensor) -> None:
         loop, steps, done = self.cfg.loop, self.schedule.total_steps, plan.step + 1
         if loop.log_every <= 0 or (done % loop.log_every and done != steps):
@@ -3490,10 +3502,10 @@ class TrainingRun:
         step_avg = elapsed_ms / done
         line = (f"step:{done}/{steps} train_time:{elapsed_ms:.0f}ms step_avg:{step_avg:.2f}ms "
                 f"{loss_text}eta:{step_avg * (steps - done) / 1000:.0f}s")
-        if self.peak is not None:
-            tokens_per_s = plan.batch_tokens / (step_avg / 1000)
-            flops = matmul_flops_per_token(self.raw_model, self.cfg.data.max_seq_len, plan.windows[0])
-            line += f" tokens/s:{tokens_per_s:.0f} mfu:{100 * tokens_per_s * flops / (self.peak * self.world_size):.1f}%"
+        if self.peak is not None:  # over the run so far, like step_avg
+            seconds = elapsed_ms / 1000
+            mfu = 100 * self.flops_trained / seconds / (self.peak * self.world_size)
+            line += f" tokens/s:{self.tokens_trained / seconds:.0f} mfu:{mfu:.1f}%"
         self.log(line)
 
     def save_checkpoint(self, done: int) -> None:

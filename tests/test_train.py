@@ -152,3 +152,20 @@ def test_existing_log_is_never_overwritten(tmp_path):
     with pytest.raises(tg.ConfigError, match="already exists"):
         tg.train(in_process_config(tmp_path, "taken"), [])
     assert (tmp_path / "taken.txt").read_text() == "precious"
+
+
+def test_logged_throughput_counts_every_step_at_its_own_batch_size(tmp_path, monkeypatch):
+    """tokens/s is the tokens trained so far over the training time so far (the batch grows by stage)."""
+    monkeypatch.setattr(tg, "peak_flops", lambda device: 1e12)  # a known peak makes a CPU run log MFU
+    cfg = in_process_config(tmp_path, "rate", "--log-every", "1")
+    tg.train(cfg, [])
+    schedule = tg.Schedule.of(cfg)
+    pattern = re.compile(r"step:(\d+)/\d+ train_time:(\d+)ms .* tokens/s:(\d+) mfu:([\d.]+)%")
+    rates = {int(m[1]): (int(m[2]), int(m[3]), float(m[4]))
+             for m in pattern.finditer(open(tmp_path / "rate.txt").read())}
+    assert sorted(rates) == list(range(1, schedule.total_steps + 1))
+    for done, (ms, rate, mfu) in rates.items():
+        tokens = sum(schedule.at(step).batch_tokens for step in range(done))
+        if ms >= 20:  # train_time is logged in whole ms
+            assert rate == pytest.approx(tokens / (ms / 1000), rel=0.05), done
+        assert mfu > 0
