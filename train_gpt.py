@@ -119,8 +119,8 @@ class LabelRule:
 LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
 PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
-                    "xsa", "bigram_embed", "bigram_lambdas", "scalars", "attn", "attn_gate", "value_embed_gate",
-                    "mlp_fc", "mlp_proj")
+                    "xsa", "bigram_embed", "bigram_lambdas", "resid_lambdas", "post_lambdas", "scalars", "attn",
+                    "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
@@ -134,6 +134,8 @@ SHORT_TRACK_LABELS = {
     "xsa":         LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "bigram_embed": LabelRule("adam", 75.0, 5.0, (0.75, 0.95)),  # (not in the record; short #89's rule)
     "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
+    "resid_lambdas": LabelRule("adam", 5.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
+    "post_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
@@ -153,6 +155,8 @@ MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars 
     "xsa":         LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "bigram_embed": LabelRule("adam", 96.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "bigram_lambdas": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
+    "resid_lambdas": LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),  # (not in the record)
+    "post_lambdas": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),  # (not in the record)
@@ -174,6 +178,8 @@ MEDIUM_2025_12_31_LABELS = {
     "xsa":         LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "bigram_embed": LabelRule("adam", 75.0, 5.0, (0.8, 0.95)),  # (not in the record)
     "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
+    "resid_lambdas": LabelRule("adam", 5.0, 0.0, (0.8, 0.95)),  # (not in the record)
+    "post_lambdas": LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon", 0.1),
@@ -277,9 +283,13 @@ class ModelConfig:
     gate_dims: int = setting(12, check=POSITIVE)  # leading residual dims that feed the smear and attention gates
     # v + 2*sigmoid(linear(x[:gate_dims])) * ve per head, instead of v + ve (medium 2025-12-31)
     value_embed_gate: bool = False
+    # what the value-embedding gate reads: residual = x[:gate_dims] (medium 2025-12-31); residual_and_value =
+    # x[:gate_dims/2] and the value embedding's first gate_dims/2 dims (short #89)
+    value_embed_gate_input: str = setting("residual", choices=("residual", "residual_and_value"))
     # skips weighted sigmoid(lambda) * 2*sigmoid(linear(x0[:gate_dims])) per token (medium 2025-12-31); needs skip_gate sigmoid
     skip_token_gate: bool = False
     qkv_init_gain: float = setting(0.5, check=POSITIVE)  # Q, K, V uniform in +-gain*sqrt(3/dim)
+    attn_out_zero_init: bool = True  # False: O initialised like Q, K, V (short #89)
     # > 0: a hashed bigram embedding (short #89: 754,560 x 192, zero-init) times a fixed random sign row
     # (bigram_sign_rows rows), added to the first bigram_dim residual dims with a learned per-layer weight
     # (init bigram_lambda_init): into x0 before layer 0, and after each later attention sublayer
@@ -297,11 +307,22 @@ class ModelConfig:
     fp32_gates: bool = False  # variant: attention and smear gate weights in fp32 (the record holds them in bf16)
     attn_scale: float = 0.1
     rotary_min_freq: float = 1 / 1024
+    # which dims rotate together: half = dim i with i + head_dim/2, the rotating frequencies in the first
+    # quarter of each half; adjacent = dims 2j and 2j+1, rotating over the first half (short #89)
+    rotary_pairs: str = setting("half", choices=("half", "adjacent"))
     yarn: bool = True  # adjust rotary frequencies and attention scale when the window grows
     yarn_alpha: float = 1.0  # frequencies with fewer turns than this in the old window are interpolated
     yarn_beta: float = 32.0  # ... and those with more than this are kept
     yarn_attn_gain: float = 0.2  # attention scale *= 1 + gain * ln(new_window / old_window)
     resid_lambda_init: float = 1.1
+    # block: x <- resid*x + sum(x0 lambdas * x0) before each layer, whose sublayers add their outputs (the
+    # records up to 2025-12); sublayer (short #89): x <- r_a*x + p_a*attention + x0 mix, then
+    # x <- r_m*x + p_m*MLP, r per sublayer (init sqrt(resid_lambda_init)) and p (init 1) learned; a layer
+    # without attention gets no attention scale and no x0
+    residual_form: str = setting("block", choices=("block", "sublayer"))
+    # >= 0: every later attention layer attends over (and gates from) the normed output of this layer
+    # instead of its own input (short #89: 7)
+    attention_source_layer: int = setting(-1, check=(lambda v: v >= -1, "must be -1 (off) or a layer index"))
     sa_lambda_init: tuple = setting((0.5, 1.0), check=exactly(2))  # QKV and O scales (value_path normed: v and ve)
     # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
     # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
@@ -708,6 +729,8 @@ def check_config(cfg: Config) -> None:
         fail("skip_connections", f"only {layers} layers")
     if model.backout_layer >= layers:
         fail("backout_layer", f"only {layers} layers")
+    if model.attention_source_layer >= layers - 1:
+        fail("attention_source_layer", f"needs a later layer to use it (layers 0..{layers - 1})")
     if model.gate_dims > model.model_dim:
         fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
     if model.bigram_vocab > 0 and model.bigram_dim > model.model_dim:
@@ -1492,22 +1515,25 @@ fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
 
 
 class Rotary(nn.Module):
-    """Rotary embedding pairing dim i with dim i + head_dim/2.
+    """Rotary embedding over head_dim/2 dim pairs: dim i with i + head_dim/2 (pairs "half"), or dims
+    2j and 2j+1 (pairs "adjacent").
 
-    Only the first quarter of the frequencies rotate; the rest are zero, leaving
-    those dims position-free. When the attention window grows, YaRN slows the
+    Only the first half of the frequencies rotate; the rest are zero, leaving
+    those pairs position-free. When the attention window grows, YaRN slows the
     frequencies that complete few turns inside the old window (interpolation) and
     leaves the fast ones alone, and sharpens the attention scale a little.
     """
 
-    def __init__(self, head_dim: int, min_freq: float):
+    def __init__(self, head_dim: int, min_freq: float, pairs: str = "half"):
         super().__init__()
         quarter = head_dim // 4
         freq = torch.cat([min_freq ** torch.linspace(0, 1, quarter), torch.zeros(head_dim // 2 - quarter)])
         self.register_buffer("freq", freq)  # persistent: YaRN changes it during training
+        self.adjacent = pairs == "adjacent"
 
     def position_free_dims(self) -> torch.Tensor:
-        return torch.cat([self.freq == 0, self.freq == 0])
+        still = self.freq == 0
+        return still.repeat_interleave(2) if self.adjacent else torch.cat([still, still])
 
     def forward(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of every token's angles, shaped (T, 1, head_dim/2) to broadcast over heads."""
@@ -1525,9 +1551,13 @@ class Rotary(nn.Module):
         self.freq.mul_(ratio + keep * (1 - ratio))
 
 
-def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Apply rotary angles (Rotary.forward) to x: (T, heads, head_dim)."""
+def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], adjacent: bool = False) -> torch.Tensor:
+    """Apply rotary angles (Rotary.forward) to x: (T, heads, head_dim); each pair (a, b) becomes
+    (a cos + b sin, b cos - a sin)."""
     cos, sin = angles
+    if adjacent:
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).flatten(-2).type_as(x)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
@@ -1537,6 +1567,7 @@ class LayerInputs:
     """What every layer of one forward shares, computed once per forward."""
     segments: Segments
     angles: tuple  # rotary (cos, sin)
+    adjacent_pairs: bool  # rotary pairs dims 2j, 2j+1 (else i, i + head_dim/2)
     position_free: torch.Tensor  # (head_dim,) bool: the dims rotary leaves alone
     attn_scale: torch.Tensor
     backend: str  # a key of ATTENTION_BACKENDS
@@ -1556,7 +1587,7 @@ class Attention(nn.Module):
         qkvo = torch.empty(4, inner, dim)
         bound = math.sqrt(3) * cfg.qkv_init_gain / math.sqrt(dim)
         nn.init.uniform_(qkvo[:3], -bound, bound)
-        nn.init.zeros_(qkvo[3])
+        nn.init.zeros_(qkvo[3]) if cfg.attn_out_zero_init else nn.init.uniform_(qkvo[3], -bound, bound)
         self.qkvo = labelled(qkvo, "attn")
         # NorMuon normalises per output unit of the records' (out x in) matrices: rows of Q, K, V,
         # columns of the O stored here transposed.
@@ -1575,6 +1606,7 @@ class Attention(nn.Module):
         self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
         self.mask_document_starts = cfg.mask_document_starts
         self.normed_values = cfg.value_path == "normed"
+        self.value_gate_reads_value = cfg.value_embed_gate_input == "residual_and_value"
 
     def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
         """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve."""
@@ -1583,7 +1615,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, w[:3].flatten(0, 1))
         q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
-        q, k = rotate(rms_norm(q), ctx.angles) * ctx.attn_scale, rotate(rms_norm(k), ctx.angles)
+        q = rotate(rms_norm(q), ctx.angles, ctx.adjacent_pairs) * ctx.attn_scale
+        k = rotate(rms_norm(k), ctx.angles, ctx.adjacent_pairs)
         if self.shift_keys:  # a head can match on the previous token's content through these dims
             shifted = shift_to_next_position(k, ctx.segments, self.mask_document_starts, first=k[:1])
             k = torch.where(ctx.position_free, shifted, k)
@@ -1592,11 +1625,16 @@ class Attention(nn.Module):
             if value_embed is not None:
                 v = v + out_scale * value_embed.view_as(v)
         elif value_embed is not None:
-            value_embed = value_embed.view_as(v)
             if self.value_gate is not None:
-                value_embed = 2 * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.value_gate.type_as(x)))[..., None] \
-                    * value_embed
-            v = v + value_embed
+                if self.value_gate_reads_value:
+                    half = self.gate_dims // 2
+                    gate_input = torch.cat([x[:, :half], value_embed[:, :self.gate_dims - half].type_as(x)], dim=-1)
+                else:
+                    gate_input = x[:, :self.gate_dims]
+                gate = 2 * torch.sigmoid(F.linear(gate_input, self.value_gate.type_as(x)))
+                v = v + gate[..., None] * value_embed.view_as(v)
+            else:
+                v = v + value_embed.view_as(v)
         window = ctx.windows[self.window_kind]
         y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
         if self.xsa_alpha is not None:
@@ -1642,14 +1680,22 @@ class Block(nn.Module):
                      if kind != "N" else None)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None) -> torch.Tensor:
-        """after_attention: added to the leading dims of the residual after the attention sublayer."""
+    def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None, attention_input=None,
+                sublayer_mix=None) -> torch.Tensor:
+        """after_attention: added to the leading dims of the residual after the attention sublayer.
+        attention_input: what attention reads instead of rms_norm(x). sublayer_mix (residual_form
+        sublayer): (resid (2,), post (2,), x0 mix); None: each sublayer's output is simply added."""
+        resid, post, x0_mix = sublayer_mix if sublayer_mix is not None else (None, None, None)
         if self.attn is not None:
             value_embed = None if self.value_embed_index is None else ctx.value_embeds[self.value_embed_index]
-            x = x + self.attn(rms_norm(x), value_embed, ctx, qkv_scale, out_scale)
+            attended = self.attn(rms_norm(x) if attention_input is None else attention_input, value_embed, ctx,
+                                 qkv_scale, out_scale)
+            x = x + attended if sublayer_mix is None else resid[0] * x + post[0] * attended + x0_mix
             if after_attention is not None:
                 x = add_to_leading_dims(x, after_attention)
-        return x + self.mlp(rms_norm(x))
+        if sublayer_mix is None:
+            return x + self.mlp(rms_norm(x))
+        return resid[1] * x + post[1] * self.mlp(rms_norm(x))
 
 
 def add_to_leading_dims(x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
@@ -1719,7 +1765,7 @@ class GPT(nn.Module):
         self.skip_gates = (labelled(torch.zeros(len(cfg.skip_connections), cfg.gate_dims, dtype=gate_dtype), "skip_gate")
                            if cfg.skip_token_gate and cfg.skip_connections else None)
         self.blocks = nn.ModuleList(Block(cfg, layer, dtype) for layer in range(L))
-        self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq)
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq, cfg.rotary_pairs)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
         self.bigram_embed = self.bigram_lambdas = None
@@ -1729,7 +1775,8 @@ class GPT(nn.Module):
             self.bigram_lambdas = labelled(torch.full((L,), cfg.bigram_lambda_init), "bigram_lambdas")
         # Every other learned scalar lives in one vector (one small optimiser group). "qkv" and "out"
         # are the sa lambdas: QKV and O scales, or on the normed value path the weights of v and ve.
-        layout = {"resid": L, "qkv": L, "out": L, "skip": len(cfg.skip_connections),
+        block_form = cfg.residual_form == "block"
+        layout = {"resid": L if block_form else 0, "qkv": L, "out": L, "skip": len(cfg.skip_connections),
                   "smear": int(cfg.smear_gate), "backout": int(cfg.backout_layer >= 0)}
         self.scalar_slices, start = {}, 0
         for name, size in layout.items():
@@ -1742,6 +1789,10 @@ class GPT(nn.Module):
         scalars[self.scalar_slices["skip"]] = cfg.skip_init
         scalars[self.scalar_slices["backout"]] = cfg.backout_init
         self.scalars = labelled(scalars, "scalars")
+        self.resid_lambdas = self.post_lambdas = None
+        if not block_form:  # per sublayer (attention, MLP) of every layer
+            self.resid_lambdas = labelled(torch.full((L, 2), math.sqrt(cfg.resid_lambda_init)), "resid_lambdas")
+            self.post_lambdas = labelled(torch.ones(L, 2), "post_lambdas")
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, device or "cpu",
                                                            cfg.window_granularity)
         if device is not None:
@@ -1787,7 +1838,7 @@ class GPT(nn.Module):
         make_mask = ATTENTION_MASKS[self.attention_backend]
         masks = {by_kind[kind]: make_mask(segments, by_kind[kind], block)
                  for kind in set(self.cfg.window_pattern) - {"N"}}
-        return LayerInputs(segments=segments, angles=self.rotary(segments.position),
+        return LayerInputs(segments=segments, angles=self.rotary(segments.position), adjacent_pairs=self.rotary.adjacent,
                            position_free=self.rotary.position_free_dims(), attn_scale=self.attn_scale,
                            backend=self.attention_backend, windows=by_kind, masks=masks,
                            value_embeds=[F.embedding(tokens, table) for table in self.value_embeds])
@@ -1807,6 +1858,8 @@ class GPT(nn.Module):
             x0[0] = add_to_leading_dims(x0[0], bigram_weights[0] * bigram)
         ctx = self.layer_inputs(tokens, segments, windows)
         resid, qkv_scale, out_scale = (self.scalar(n).type_as(x0[0]) for n in ("resid", "qkv", "out"))
+        if self.resid_lambdas is not None:
+            resid, post = self.resid_lambdas.type_as(x0[0]), self.post_lambdas.type_as(x0[0])
         skip_weights = self.scalar("skip").type_as(x0[0])
         if cfg.skip_gate == "sigmoid":
             skip_weights = torch.sigmoid(skip_weights)
@@ -1814,16 +1867,23 @@ class GPT(nn.Module):
             gates = 2 * torch.sigmoid(F.linear(x0[0][:, :cfg.gate_dims], self.skip_gates.type_as(x0[0])))
             skip_weights = skip_weights * gates
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
-        saved, x = {}, x0[0]
+        saved, x, attention_input = {}, x0[0], None
         for i, block in enumerate(self.blocks):
             for j, (to, frm) in enumerate(cfg.skip_connections):
                 if to == i:
                     x = x + skip_weights[..., j, None] * saved[frm]
-            x = resid[i] * x + sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
+            x0_mix = sum(x0_lambdas[i, e] * x0[e] for e in range(len(x0)))
+            sublayer_mix = None
+            if self.resid_lambdas is None:
+                x = resid[i] * x + x0_mix
+            else:
+                sublayer_mix = (resid[i], post[i], x0_mix)
             injects = bigram is not None and i > 0 and block.attn is not None
             after_attention = bigram_weights[i] * bigram if injects else None
-            x = block(x, ctx, qkv_scale[i], out_scale[i], after_attention)
+            x = block(x, ctx, qkv_scale[i], out_scale[i], after_attention, attention_input, sublayer_mix)
             saved[i] = x
+            if i == cfg.attention_source_layer:  # the later layers attend over this layer's output
+                attention_input = rms_norm(x)
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)

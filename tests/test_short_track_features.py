@@ -1,5 +1,7 @@
 """Features of the short track after the 2025-12-21 record (issue 20, second part), each a switch off by
 default and checked against a plain computation here; the facts are in docs/record_facts/short_89_2026-07-17.md."""
+import math
+
 import pytest
 import torch
 
@@ -155,3 +157,116 @@ def test_max_seq_len_follows_the_batch_stages(tmp_path, monkeypatch):
 def test_max_seq_len_stages_must_be_integers():
     with pytest.raises(tg.ConfigError, match="--max-seq-len-stages '32,x': expects comma-separated integers"):
         tg.config_from_args(["--preset", "test", "--max-seq-len-stages", "32,x"])
+
+
+# --- short #89's layer wiring: rotary pairs, value-gate input, per-sublayer residual scales, attention source --
+
+
+def test_adjacent_rotary_turns_each_pair_of_neighbouring_dims_as_a_complex_number():
+    rotary = tg.Rotary(16, 1 / 1024, "adjacent")
+    positions = torch.tensor([0, 1, 5, 300])
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(0))
+    got = tg.rotate(x, rotary(positions), adjacent=True)
+    theta = positions[:, None].double() * rotary.freq.double()  # (T, 8): pair j turns by position * freq_j
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
+    torch.testing.assert_close(got, torch.stack([z.real, z.imag], -1).flatten(-2).float())
+    # The first half of the dims rotate (4 frequencies from 1 down to 1/1024), the second half is position-free.
+    torch.testing.assert_close(rotary.freq[:4], torch.tensor([1.0, 1024 ** (-1 / 3), 1024 ** (-2 / 3), 1 / 1024]))
+    assert rotary.position_free_dims().tolist() == [False] * 8 + [True] * 8
+    assert tg.Rotary(16, 1 / 1024).position_free_dims().tolist() == ([False] * 4 + [True] * 4) * 2
+
+
+def short_89_wiring_model(**overrides):
+    settings = dict(compute_dtype="float32", rotary_pairs="adjacent", attn_out_zero_init=False, value_embed_gate=True,
+                    value_embed_gate_input="residual_and_value", residual_form="sublayer", attention_source_layer=1,
+                    value_embed_init_std=0.5, gate_dims=4)
+    cfg = tg.build_config("test", **{**settings, **overrides}).model
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every learned scale away from its initial value, so a mix-up shows
+        for p in model.parameters():
+            if p.label in ("resid_lambdas", "post_lambdas", "x0_lambdas", "value_embed_gate", "attn_gate"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.label.endswith("lambdas") else 0.0))
+            if p.label == "mlp_proj":
+                p.normal_(std=0.05, generator=g)
+    return model
+
+
+def test_attention_with_adjacent_rotary_and_a_gate_reading_the_value_embedding_by_hand():
+    """One short-window layer in a single document, written out with plain tensor ops: adjacent rotary,
+    v + 2*sigmoid(W [a[:2], ve[:2]]) * ve per head (gate_dims 4), the output gate, O like Q, K, V."""
+    model = short_89_wiring_model()
+    attn = model.blocks[0].attn  # window S (no key shift), value embedding table 0
+    T, H, D = 24, 2, 16
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.rms_norm(torch.randn(T, 32, generator=g), (32,))
+    ve = torch.randn(T, 32, generator=g)
+    tokens = torch.zeros(T, dtype=torch.long)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    ctx = model.layer_inputs(tokens, tg.make_segments(cu, T, T), (256, 128))
+    qkv_scale, out_scale = torch.tensor(0.7), torch.tensor(1.3)
+    got = attn(a, ve, ctx, qkv_scale, out_scale)
+
+    w = attn.qkvo.detach()
+    assert w[3].abs().max() > 0 and w[3].abs().max() <= math.sqrt(3) * 0.5 / math.sqrt(32)
+    q, k, v = (qkv_scale * (a @ w[:3].flatten(0, 1).T)).view(T, 3, H, D).unbind(1)
+    theta = torch.arange(T)[:, None].double() * model.rotary.freq.double()
+
+    def rot(x):
+        z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
+        return torch.stack([z.real, z.imag], -1).flatten(-2).float()
+
+    norm = lambda t: torch.nn.functional.rms_norm(t, (D,))  # noqa: E731
+    q, k = rot(norm(q)) * model.attn_scale, rot(norm(k))
+    gate = 2 * torch.sigmoid(torch.cat([a[:, :2], ve[:, :2]], -1) @ attn.value_gate.detach().T)
+    v = v + gate[..., None] * ve.view(T, H, D)
+    scores = torch.einsum("thd,shd->hts", q, k)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))  # window 128 > T
+    y = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    y = y * torch.sigmoid(a[:, :4] @ attn.output_gate.detach().T)[..., None]
+    torch.testing.assert_close(got, out_scale * (y.reshape(T, -1) @ w[3]), atol=1e-5, rtol=1e-4)
+
+
+def test_sublayer_residual_scales_and_the_attention_source_layer_by_hand():
+    """x <- r_a x + p_a attention(input) + x0 lambda x0, then x <- r_m x + p_m MLP(norm x), per layer; layers
+    after the source layer (1) attend over norm(its output); the layer without attention (2, 'N') takes
+    the skip and its MLP only. Written as a plain loop over the model's own sublayers."""
+    model = short_89_wiring_model()
+    cfg = model.cfg
+    assert cfg.window_pattern == "SLNL" and cfg.skip_connections == ((3, 1),) and cfg.backout_layer == 2
+    assert model.resid_lambdas.label == "resid_lambdas" and "resid" not in model.scalar_slices or \
+        model.scalar("resid").numel() == 0
+    tokens = torch.randint(0, 50000, (40,), generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    windows = (128, 64)
+    with torch.no_grad():
+        got = model.hidden_states(tokens, cu, 23, windows)
+        segments = tg.make_segments(cu, 23, 40)
+        ctx = model.layer_inputs(tokens, segments, windows)
+        x0 = model.input_embeddings(tokens, segments)[0]
+        r, p, lam = model.resid_lambdas, model.post_lambdas, model.x0_lambdas[:, 0]
+        qkv, out, skip = model.scalar("qkv"), model.scalar("out"), torch.sigmoid(model.scalar("skip"))
+        norm = lambda t: torch.nn.functional.rms_norm(t, (32,))  # noqa: E731
+        x, saved = x0, {}
+        for i, block in enumerate(model.blocks):
+            if i == 3:
+                x = x + skip[0] * saved[1]
+            if block.attn is not None:
+                source = norm(x) if i <= 1 else norm(saved[1])
+                table = block.value_embed_index
+                ve = None if table is None else ctx.value_embeds[table]
+                x = r[i, 0] * x + p[i, 0] * block.attn(source, ve, ctx, qkv[i], out[i]) + lam[i] * x0
+            x = r[i, 1] * x + p[i, 1] * block.mlp(norm(x))
+            saved[i] = x
+        x = x - model.scalar("backout") * saved[2]
+    torch.testing.assert_close(got, norm(x))
+    # At init each layer scales the residual by sqrt(1.1) per sublayer, 1.1 per layer as the block form does.
+    fresh = tg.GPT(tg.build_config("test", residual_form="sublayer").model)
+    torch.testing.assert_close(fresh.resid_lambdas, torch.full((4, 2), math.sqrt(1.1)))
+    assert (fresh.post_lambdas == 1).all()
+
+
+def test_attention_source_layer_must_leave_a_later_layer():
+    with pytest.raises(tg.ConfigError, match="--attention-source-layer 3: needs a later layer"):
+        tg.config_from_args(["--preset", "test", "--attention-source-layer", "3"])
