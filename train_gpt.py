@@ -290,6 +290,9 @@ class ModelConfig:
     skip_token_gate: bool = False
     qkv_init_gain: float = setting(0.5, check=POSITIVE)  # Q, K, V uniform in +-gain*sqrt(3/dim)
     attn_out_zero_init: bool = True  # False: O initialised like Q, K, V (short #89)
+    # > 0: Q and K held as matrices of this many heads each (short #89: 2, one 256 x 768 matrix per head pair),
+    # so Muon orthogonalises them per head group; V and O stay whole. 0: Q, K, V, O four whole matrices
+    qk_group_heads: int = setting(0, check=NON_NEGATIVE)
     # > 0: a hashed bigram embedding (short #89: 754,560 x 192, zero-init) times a fixed random sign row
     # (bigram_sign_rows rows), added to the first bigram_dim residual dims with a learned per-layer weight
     # (init bigram_lambda_init): into x0 before layer 0, and after each later attention sublayer
@@ -731,6 +734,8 @@ def check_config(cfg: Config) -> None:
         fail("backout_layer", f"only {layers} layers")
     if model.attention_source_layer >= layers - 1:
         fail("attention_source_layer", f"needs a later layer to use it (layers 0..{layers - 1})")
+    if model.qk_group_heads and model.num_heads % model.qk_group_heads:
+        fail("qk_group_heads", f"must divide --num-heads {model.num_heads}")
     if model.gate_dims > model.model_dim:
         fail("gate_dims", f"exceeds --model-dim {model.model_dim}")
     if model.bigram_vocab > 0 and model.bigram_dim > model.model_dim:
@@ -1588,10 +1593,16 @@ class Attention(nn.Module):
         bound = math.sqrt(3) * cfg.qkv_init_gain / math.sqrt(dim)
         nn.init.uniform_(qkvo[:3], -bound, bound)
         nn.init.zeros_(qkvo[3]) if cfg.attn_out_zero_init else nn.init.uniform_(qkvo[3], -bound, bound)
-        self.qkvo = labelled(qkvo, "attn")
         # NorMuon normalises per output unit of the records' (out x in) matrices: rows of Q, K, V,
-        # columns of the O stored here transposed.
-        self.qkvo.normalise_columns = (False, False, False, True)
+        # columns of the O stored here transposed; Q and K in head groups (wide) per input column (short #89).
+        self.qk_grouped = cfg.qk_group_heads > 0
+        if self.qk_grouped:  # the same initial values, held as (2 * heads / n, n * head_dim, dim) and (V, O)
+            self.qk = labelled(qkvo[:2].reshape(-1, cfg.qk_group_heads * cfg.head_dim, dim).clone(), "attn")
+            self.vo = labelled(qkvo[2:].clone(), "attn")
+            self.vo.normalise_columns = (False, True)
+        else:
+            self.qkvo = labelled(qkvo, "attn")
+            self.qkvo.normalise_columns = (False, False, False, True)
         self.gate_dims = cfg.gate_dims
         gate_dtype = torch.float32 if cfg.fp32_gates else dtype
         self.output_gate = self.value_gate = None
@@ -1611,8 +1622,8 @@ class Attention(nn.Module):
     def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
         """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve."""
         T = x.size(0)
-        w = self.qkvo.type_as(x)
-        qkv = F.linear(x, w[:3].flatten(0, 1))
+        w_qkv, w_out = self.weights(x.dtype)
+        qkv = F.linear(x, w_qkv)
         q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
         q = rotate(rms_norm(q), ctx.angles, ctx.adjacent_pairs) * ctx.attn_scale
@@ -1641,8 +1652,16 @@ class Attention(nn.Module):
             y = exclude_own_value(y, v, self.xsa_alpha)
         if self.output_gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gate_dims], self.output_gate.type_as(x)))[..., None]
-        y = y.reshape(T, -1) @ w[3]
+        y = y.reshape(T, -1) @ w_out
         return y if self.normed_values else out_scale * y
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(QKV stacked (3 * inner, dim), O (inner, dim)) in `dtype`, however they are held."""
+        if self.qk_grouped:
+            vo = self.vo.to(dtype)
+            return torch.cat([self.qk.to(dtype).flatten(0, 1), vo[0]]), vo[1]
+        w = self.qkvo.to(dtype)
+        return w[:3].flatten(0, 1), w[3]
 
 
 def exclude_own_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

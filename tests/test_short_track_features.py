@@ -1,11 +1,13 @@
 """Features of the short track after the 2025-12-21 record (issue 20, second part), each a switch off by
 default and checked against a plain computation here; the facts are in docs/record_facts/short_89_2026-07-17.md."""
+import functools
 import math
 
 import pytest
 import torch
 
 import train_gpt as tg
+from conftest import optimizer_set
 
 
 def test_exclude_own_value_by_hand():
@@ -270,3 +272,44 @@ def test_sublayer_residual_scales_and_the_attention_source_layer_by_hand():
 def test_attention_source_layer_must_leave_a_later_layer():
     with pytest.raises(tg.ConfigError, match="--attention-source-layer 3: needs a later layer"):
         tg.config_from_args(["--preset", "test", "--attention-source-layer", "3"])
+
+
+def test_qk_head_groups_keep_the_function_and_are_orthogonalised_group_by_group():
+    """--qk-group-heads 2: Q and K held as one matrix per pair of heads (short #89's 256 x 768 at full size),
+    V and O whole; the same initial weights and logits as the fused layout, but NorMuon (per-matrix shape
+    factor, per input column for the wide pair matrices) now orthogonalises each pair on its own."""
+    from test_optim import reference_muon
+
+    def build(groups):
+        cfg = tg.build_config("test", compute_dtype="float32", num_heads=4, head_dim=8, qk_group_heads=groups, attn_out_zero_init=False,
+                              muon_shape_factor="matrix", muon_lr=0.05)
+        torch.manual_seed(0)
+        return cfg, tg.GPT(cfg.model)
+
+    cfg, grouped = build(2)
+    _, fused = build(0)
+    attn, plain = grouped.blocks[0].attn, fused.blocks[0].attn
+    assert attn.qk.shape == (4, 16, 32) and attn.vo.shape == (2, 32, 32) and attn.vo.normalise_columns == (False, True)
+    torch.testing.assert_close(attn.qk.detach().reshape(2, 32, 32), plain.qkvo.detach()[:2])
+    tokens = torch.randint(0, 50000, (40,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    torch.testing.assert_close(grouped.logits(tokens, cu, 23, (128, 64)), fused.logits(tokens, cu, 23, (128, 64)))
+
+    start = attn.qk.detach().clone()
+    opt = optimizer_set(grouped, cfg)
+    grouped(tokens, tokens, cu, 23, (128, 64)).backward()
+    grad = attn.qk.grad.clone()
+    opt.step(0, 1.0, 0.9)
+    orth = functools.partial(tg.polar_express, dtype=torch.float32)
+    expected = reference_muon(start, [grad], [1.0], [0.9], lr=0.05, wd=cfg.optim.muon_wd, label_lr=1.0, normuon=True,
+                              beta2=cfg.optim.normuon_beta2, smoothing=lambda t: 0.0, orth=orth)
+    torch.testing.assert_close(attn.qk.detach(), expected, rtol=1e-5, atol=1e-6)
+    as_whole = reference_muon(start.reshape(2, 32, 32), [grad.reshape(2, 32, 32)], [1.0], [0.9], lr=0.05,
+                              wd=cfg.optim.muon_wd, label_lr=1.0, normuon=True, beta2=cfg.optim.normuon_beta2,
+                              smoothing=lambda t: 0.0, orth=orth)
+    assert (as_whole.reshape(4, 16, 32) - expected).abs().max() > 1e-3  # grouping changes the update
+
+
+def test_qk_group_heads_must_divide_the_heads():
+    with pytest.raises(tg.ConfigError, match="--qk-group-heads 3: must divide --num-heads 2"):
+        tg.config_from_args(["--preset", "test", "--qk-group-heads", "3"])
