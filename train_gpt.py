@@ -305,6 +305,10 @@ class ModelConfig:
                                help="per layer X or '.': remove tanh(alpha) of each head's output along the "
                                     "token's own value (learnable XSA, alpha zero-init)")
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
+    # per layer: P = paired-head attention (short #89: layers 0, 2, 5, 9), '.' = plain; '' = none. A paired
+    # layer attends over a sequence twice as long: token t's heads 2j and 2j+1 become query/key head j at
+    # positions 2t and 2t+1; values are the (T, heads) layout read as (2T, heads/2); same window number
+    paired_head_pattern: str = setting("", check=(lambda v: not set(v) - set("P."), "use P (paired) or '.' per layer"))
     # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
     mask_document_starts: bool = False
     fp32_gates: bool = False  # variant: attention and smear gate weights in fp32 (the record holds them in bf16)
@@ -746,6 +750,16 @@ def check_config(cfg: Config) -> None:
         fail("xsa_pattern", f"needs one character per layer ({layers} layers), or '' for none")
     if any(x == "X" and w == "N" for x, w in zip(model.xsa_pattern, model.window_pattern)):
         fail("xsa_pattern", "XSA on a layer without attention (N in --window-pattern)")
+    if model.paired_head_pattern:
+        if len(model.paired_head_pattern) != layers:
+            fail("paired_head_pattern", f"needs one character per layer ({layers} layers), or '' for none")
+        if model.num_heads % 2:
+            fail("paired_head_pattern", f"pairs heads: --num-heads {model.num_heads} is odd")
+        for layer, (paired, window) in enumerate(zip(model.paired_head_pattern, model.window_pattern)):
+            xsa = model.xsa_pattern[layer] == "X" if model.xsa_pattern else False
+            if paired == "P" and (window == "N" or xsa or (window == "L" and model.key_shift)):
+                fail("paired_head_pattern", f"layer {layer}: a paired layer needs attention, without XSA or "
+                                            "the key shift (a short window, or --key-shift false)")
     if model.untie_embedding_frac > 0 and not model.tie_embedding:
         fail("untie_embedding_frac", "needs a tied embedding (--tie-embedding true)")
     if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
@@ -1579,12 +1593,14 @@ class LayerInputs:
     windows: dict  # window kind ("S", "L") -> window in tokens
     masks: dict  # window in tokens -> the backend's mask, shared by every layer using that window
     value_embeds: list  # each value-embedding table looked up once: a table serves several layers
+    paired: "LayerInputs | None" = None  # the doubled sequence of paired-head layers (its own segments, angles, masks)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype,
-                 has_value_embed: bool = False, xsa: bool = False):
+                 has_value_embed: bool = False, xsa: bool = False, paired: bool = False):
         super().__init__()
+        self.paired = paired
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner, dim = cfg.num_heads * cfg.head_dim, cfg.model_dim
         # Q, K, V and O (O stored transposed) as one (4, inner, dim) tensor: four
@@ -1625,9 +1641,15 @@ class Attention(nn.Module):
         w_qkv, w_out = self.weights(x.dtype)
         qkv = F.linear(x, w_qkv)
         q, k, v = (qkv if self.normed_values else qkv_scale * qkv).view(T, 3, self.heads, self.head_dim).unbind(1)
+        q, k = rms_norm(q), rms_norm(k)
+        attend = ctx
+        if self.paired:  # heads 2j, 2j+1 of token t -> head j at positions 2t, 2t+1 of the doubled sequence
+            attend = ctx.paired
+            q, k = (t.view(T, self.heads // 2, 2, self.head_dim).transpose(1, 2).reshape(2 * T, self.heads // 2, -1)
+                    for t in (q, k))
         # The scale is a tensor (YaRN changes it), so it is folded into q rather than passed as a float.
-        q = rotate(rms_norm(q), ctx.angles, ctx.adjacent_pairs) * ctx.attn_scale
-        k = rotate(rms_norm(k), ctx.angles, ctx.adjacent_pairs)
+        q = rotate(q, attend.angles, ctx.adjacent_pairs) * ctx.attn_scale
+        k = rotate(k, attend.angles, ctx.adjacent_pairs)
         if self.shift_keys:  # a head can match on the previous token's content through these dims
             shifted = shift_to_next_position(k, ctx.segments, self.mask_document_starts, first=k[:1])
             k = torch.where(ctx.position_free, shifted, k)
@@ -1647,7 +1669,11 @@ class Attention(nn.Module):
             else:
                 v = v + value_embed.view_as(v)
         window = ctx.windows[self.window_kind]
-        y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
+        if self.paired:  # values: (T, heads) read as (2T, heads/2); the output read back the same way
+            y = ATTENTION_BACKENDS[ctx.backend](q, k, v.reshape(2 * T, self.heads // 2, -1), attend.segments, window,
+                                                1.0, self.window_block, attend.masks[window]).reshape_as(v)
+        else:
+            y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
         if self.xsa_alpha is not None:
             y = exclude_own_value(y, v, self.xsa_alpha)
         if self.output_gate is not None:
@@ -1695,8 +1721,9 @@ class Block(nn.Module):
         kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
         self.value_embed_index = None if table == "." else int(table)
         xsa = cfg.xsa_pattern[layer] == "X" if cfg.xsa_pattern else False
-        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None, xsa)
-                     if kind != "N" else None)
+        paired = cfg.paired_head_pattern[layer] == "P" if cfg.paired_head_pattern else False
+        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None, xsa,
+                               paired) if kind != "N" else None)
         self.mlp = MLP(cfg)
 
     def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None, attention_input=None,
@@ -1850,17 +1877,25 @@ class GPT(nn.Module):
             x = x + self.scalar("smear").type_as(x) * gate * previous
         return [rms_norm(x)] + [rms_norm(F.embedding(tokens, table)) for table in tables[1:]]
 
-    def layer_inputs(self, tokens, segments: Segments, windows: tuple[int, int]) -> LayerInputs:
+    def layer_inputs(self, tokens, segments: Segments, windows: tuple[int, int], paired: bool = False) -> LayerInputs:
+        """paired: the inputs of paired-head layers, whose sequence (segments) is twice as long."""
+        cfg = self.cfg
         long_window, short_window = windows
         by_kind = {"L": long_window, "S": short_window}
-        block = self.cfg.window_block if self.cfg.window_granularity == "block" else 0
+        block = cfg.window_block if cfg.window_granularity == "block" else 0
         make_mask = ATTENTION_MASKS[self.attention_backend]
-        masks = {by_kind[kind]: make_mask(segments, by_kind[kind], block)
-                 for kind in set(self.cfg.window_pattern) - {"N"}}
+        kinds = {w for w, p in zip(cfg.window_pattern, cfg.paired_head_pattern or "." * cfg.num_layers)
+                 if w != "N" and (p == "P") == paired}
+        masks = {by_kind[kind]: make_mask(segments, by_kind[kind], block) for kind in kinds}
+        doubled = None
+        if not paired and "P" in cfg.paired_head_pattern:
+            doubled = self.layer_inputs(None, make_segments(segments.cu_seqlens * 2, segments.max_seqlen * 2,
+                                                            2 * segments.position.numel()), windows, paired=True)
         return LayerInputs(segments=segments, angles=self.rotary(segments.position), adjacent_pairs=self.rotary.adjacent,
                            position_free=self.rotary.position_free_dims(), attn_scale=self.attn_scale,
                            backend=self.attention_backend, windows=by_kind, masks=masks,
-                           value_embeds=[F.embedding(tokens, table) for table in self.value_embeds])
+                           value_embeds=[] if paired else [F.embedding(tokens, table) for table in self.value_embeds],
+                           paired=doubled)
 
     def hidden_states(self, tokens, cu_seqlens, max_seqlen: int, windows: tuple[int, int]) -> torch.Tensor:
         """windows: (long, short) attention windows in tokens."""

@@ -313,3 +313,66 @@ def test_qk_head_groups_keep_the_function_and_are_orthogonalised_group_by_group(
 def test_qk_group_heads_must_divide_the_heads():
     with pytest.raises(tg.ConfigError, match="--qk-group-heads 3: must divide --num-heads 2"):
         tg.config_from_args(["--preset", "test", "--qk-group-heads", "3"])
+
+
+def test_paired_head_attention_by_hand():
+    """A paired layer (4 heads of 8 dims, two documents, short window 6) written out with explicit indices:
+    row 2t+r of the doubled sequence holds query/key head 2j+r of token t as head j and value head 2r+j,
+    at position 2p+r (p the token's position in its document); a query sees keys of its document at most
+    6 doubled positions back; token t's output head 2r+j is row 2t+r's head j."""
+    model = short_89_wiring_model(num_heads=4, head_dim=8, paired_head_pattern="P...", residual_form="block",
+                                  attention_source_layer=-1)
+    attn = model.blocks[0].attn
+    assert attn.paired and not model.blocks[1].attn.paired
+    T, H, D, window = 40, 4, 8, 6
+    g = torch.Generator().manual_seed(5)
+    a = torch.nn.functional.rms_norm(torch.randn(T, 32, generator=g), (32,))
+    ve = torch.randn(T, 32, generator=g)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    segments = tg.make_segments(cu, 23, T)
+    ctx = model.layer_inputs(torch.zeros(T, dtype=torch.long), segments, (128, window))
+    qkv_scale, out_scale = torch.tensor(0.7), torch.tensor(1.3)
+    got = attn(a, ve, ctx, qkv_scale, out_scale)
+
+    w = attn.qkvo.detach()
+    norm = lambda t: torch.nn.functional.rms_norm(t, (D,))  # noqa: E731
+    q, k, v = (qkv_scale * (a @ w[:3].flatten(0, 1).T)).view(T, 3, H, D).unbind(1)
+    q, k = norm(q), norm(k)
+    gate = 2 * torch.sigmoid(torch.cat([a[:, :2], ve[:, :2]], -1) @ attn.value_gate.detach().T)
+    v = v + gate[..., None] * ve.view(T, H, D)
+    q2, k2, v2 = (torch.zeros(2 * T, H // 2, D) for _ in range(3))
+    position, document = torch.zeros(2 * T, dtype=torch.long), torch.zeros(2 * T, dtype=torch.long)
+    for t in range(T):
+        for r in range(2):
+            position[2 * t + r], document[2 * t + r] = 2 * int(segments.position[t]) + r, int(segments.seq_id[t])
+            for j in range(H // 2):
+                q2[2 * t + r, j], k2[2 * t + r, j], v2[2 * t + r, j] = q[t, 2 * j + r], k[t, 2 * j + r], v[t, 2 * r + j]
+    theta = position[:, None].double() * model.rotary.freq.double()
+
+    def rot(x):
+        z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
+        return torch.stack([z.real, z.imag], -1).flatten(-2).float()
+
+    q2, k2 = rot(q2) * model.attn_scale, rot(k2)
+    back = position[:, None] - position[None, :]
+    allowed = (document[:, None] == document[None, :]) & (back >= 0) & (back <= window)
+    scores = torch.einsum("thd,shd->hts", q2, k2).masked_fill(~allowed, float("-inf"))
+    y2 = torch.einsum("hts,shd->thd", scores.softmax(-1), v2)
+    y = torch.zeros(T, H, D)
+    for t in range(T):
+        for r in range(2):
+            for j in range(H // 2):
+                y[t, 2 * r + j] = y2[2 * t + r, j]
+    y = y * torch.sigmoid(a[:, :4] @ attn.output_gate.detach().T)[..., None]
+    torch.testing.assert_close(got, out_scale * (y.reshape(T, -1) @ w[3]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["--paired-head-pattern", "P.."], "needs one character per layer"),
+    (["--paired-head-pattern", "...P"], "layer 3: a paired layer needs attention, without XSA or the key shift"),
+    (["--paired-head-pattern", "..P."], "layer 2: a paired layer needs attention"),
+    (["--paired-head-pattern", "P...", "--xsa-pattern", "X..."], "layer 0: a paired layer needs attention, without XSA"),
+])
+def test_paired_head_pattern_is_checked(settings, message):
+    with pytest.raises(tg.ConfigError, match=message):
+        tg.config_from_args(["--preset", "test", *settings])
