@@ -119,8 +119,8 @@ class LabelRule:
 LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
 PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
-                    "xsa", "bigram_embed", "bigram_lambdas", "resid_lambdas", "post_lambdas", "scalars", "attn",
-                    "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
+                    "xsa", "bigram_embed", "bigram_lambdas", "resid_lambdas", "post_lambdas", "mudd_w1", "mudd_w2",
+                    "mudd_b2", "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
@@ -136,6 +136,9 @@ SHORT_TRACK_LABELS = {
     "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "resid_lambdas": LabelRule("adam", 5.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
     "post_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),  # (not in the record; short #89's rule)
+    "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
+    "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
+    "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
@@ -157,6 +160,9 @@ MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars 
     "bigram_lambdas": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
     "resid_lambdas": LabelRule("adam", 4.8, 1.0, (0.8, 0.95)),  # (not in the record)
     "post_lambdas": LabelRule("adam", 1.0, 1.0, (0.8, 0.95)),  # (not in the record)
+    "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
+    "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
+    "mudd_b2":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),  # (not in the record)
@@ -180,6 +186,9 @@ MEDIUM_2025_12_31_LABELS = {
     "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "resid_lambdas": LabelRule("adam", 5.0, 0.0, (0.8, 0.95)),  # (not in the record)
     "post_lambdas": LabelRule("adam", 1.0, 0.0, (0.8, 0.95)),  # (not in the record)
+    "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record)
+    "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record)
+    "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon", 0.1),
@@ -305,6 +314,15 @@ class ModelConfig:
                                help="per layer X or '.': remove tanh(alpha) of each head's output along the "
                                     "token's own value (learnable XSA, alpha zero-init)")
     key_shift: bool = True  # long-window layers see the previous token's position-free key dims
+    # (a, b): MUDD dynamic dense connections (short #89: (7, 3)). Per-token coefficients from a small MLP of
+    # the residual (hidden mudd_hidden, GELU, x0.1) replace the last layer's fixed scales: they mix x0, layer
+    # a's output and the layer's input into its residual and its values, and weigh its value embedding, its
+    # attention, x0, the bigram addend and its MLP. After the last layer a second set adds x0, layers a and b,
+    # the last layer's input and value-embedding table 0 (its bias starts as a backout of layer a: -0.5).
+    # Needs --residual-form sublayer; () = off
+    mudd_sources: tuple = setting((), parse=lambda text, current: parse_ints("mudd_sources", text),
+                                  show=lambda v: ",".join(map(str, v)), help="two layers a,b (short #89: 7,3)")
+    mudd_hidden: int = setting(64, check=POSITIVE)
     # per layer: P = paired-head attention (short #89: layers 0, 2, 5, 9), '.' = plain; '' = none. A paired
     # layer attends over a sequence twice as long: token t's heads 2j and 2j+1 become query/key head j at
     # positions 2t and 2t+1; values are the (T, heads) layout read as (2T, heads/2); same window number
@@ -750,6 +768,16 @@ def check_config(cfg: Config) -> None:
         fail("xsa_pattern", f"needs one character per layer ({layers} layers), or '' for none")
     if any(x == "X" and w == "N" for x, w in zip(model.xsa_pattern, model.window_pattern)):
         fail("xsa_pattern", "XSA on a layer without attention (N in --window-pattern)")
+    if model.mudd_sources:
+        if len(model.mudd_sources) != 2 or not all(0 <= n < layers - 1 for n in model.mudd_sources):
+            fail("mudd_sources", f"needs two layers a,b before the last ({layers} layers)")
+        if model.residual_form != "sublayer" or model.value_path != "scaled":
+            fail("mudd_sources", "needs --residual-form sublayer and --value-path scaled")
+        if model.window_pattern[-1] == "N" or not model.value_embed_pattern.strip("."):
+            fail("mudd_sources", "needs attention in the last layer and a value-embedding table")
+        if model.backout_layer >= 0 or any(to == layers - 1 for to, _ in model.skip_connections):
+            fail("mudd_sources", "replaces the backout and takes the last layer's input as it is: --backout-layer -1 "
+                                 "and no skip connection into the last layer")
     if model.paired_head_pattern:
         if len(model.paired_head_pattern) != layers:
             fail("paired_head_pattern", f"needs one character per layer ({layers} layers), or '' for none")
@@ -1635,8 +1663,9 @@ class Attention(nn.Module):
         self.normed_values = cfg.value_path == "normed"
         self.value_gate_reads_value = cfg.value_embed_gate_input == "residual_and_value"
 
-    def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale) -> torch.Tensor:
-        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve."""
+    def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale, value_addend=None) -> torch.Tensor:
+        """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve.
+        value_addend (T, inner): added to v instead of the (gated) value embedding (MUDD's last layer)."""
         T = x.size(0)
         w_qkv, w_out = self.weights(x.dtype)
         qkv = F.linear(x, w_qkv)
@@ -1653,7 +1682,9 @@ class Attention(nn.Module):
         if self.shift_keys:  # a head can match on the previous token's content through these dims
             shifted = shift_to_next_position(k, ctx.segments, self.mask_document_starts, first=k[:1])
             k = torch.where(ctx.position_free, shifted, k)
-        if self.normed_values:
+        if value_addend is not None:
+            v = v + value_addend.view_as(v)
+        elif self.normed_values:
             v = qkv_scale * rms_norm(v)
             if value_embed is not None:
                 v = v + out_scale * value_embed.view_as(v)
@@ -1839,6 +1870,21 @@ class GPT(nn.Module):
         if not block_form:  # per sublayer (attention, MLP) of every layer
             self.resid_lambdas = labelled(torch.full((L, 2), math.sqrt(cfg.resid_lambda_init)), "resid_lambdas")
             self.post_lambdas = labelled(torch.ones(L, 2), "post_lambdas")
+        self.mudd_w1 = self.mudd_w2 = self.mudd_b2 = None
+        if cfg.mudd_sources:  # two coefficient MLPs: the last layer's (14 outputs) and the one after it (5)
+            bound = 1 / math.sqrt(dim)
+            self.mudd_w1 = labelled(torch.empty(2, cfg.mudd_hidden, dim).uniform_(-bound, bound).to(dtype), "mudd_w1")
+            self.mudd_w2 = labelled(torch.zeros(2, MUDD_COEFFS, cfg.mudd_hidden, dtype=dtype), "mudd_w2")
+            # Biases (x0.1 in use) that start the last layer as the static path (its value embedding weighted
+            # 2, a zero-init gate's 2*sigmoid(0) doubled), residual scales sqrt(resid_lambda_init) and 1, bigram
+            # weight bigram_lambda_init; after it a backout of layer a.
+            bias = torch.zeros(2, MUDD_COEFFS)
+            bias[0, [6, 7]] = 20.0
+            bias[0, [8, 12]] = math.sqrt(cfg.resid_lambda_init) / 0.1
+            bias[0, [9, 13]] = 10.0
+            bias[0, 11] = cfg.bigram_lambda_init / 0.1
+            bias[1, 1] = -cfg.backout_init / 0.1
+            self.mudd_b2 = labelled(bias.to(dtype), "mudd_b2")
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, device or "cpu",
                                                            cfg.window_granularity)
         if device is not None:
@@ -1923,6 +1969,11 @@ class GPT(nn.Module):
         x0_lambdas = self.x0_lambdas.type_as(x0[0])
         saved, x, attention_input = {}, x0[0], None
         for i, block in enumerate(self.blocks):
+            if self.mudd_w1 is not None and i == cfg.num_layers - 1:  # x is saved[i - 1] (no skip lands here)
+                x = self.mudd_last_layer(block, x, x0[0], saved, ctx, qkv_scale[i], out_scale[i], bigram,
+                                         attention_input)
+                x = self.mudd_after_last_layer(x, x0[0], saved, ctx)
+                return rms_norm(x)
             for j, (to, frm) in enumerate(cfg.skip_connections):
                 if to == i:
                     x = x + skip_weights[..., j, None] * saved[frm]
@@ -1941,6 +1992,42 @@ class GPT(nn.Module):
         if cfg.backout_layer >= 0:  # remove part of an intermediate layer's contribution before the head
             x = x - self.scalar("backout").type_as(x) * saved[cfg.backout_layer]
         return rms_norm(x)
+
+    def mudd_coefficients(self, x: torch.Tensor, which: int, count: int) -> torch.Tensor:
+        """(T, count) per-token coefficients: 0.1 * (W2 gelu(W1 x) + b2) of MLP `which`."""
+        hidden = F.gelu(F.linear(x, self.mudd_w1[which].type_as(x)))
+        return 0.1 * (F.linear(hidden, self.mudd_w2[which, :count].type_as(x)) + self.mudd_b2[which, :count].type_as(x))
+
+    def mudd_last_layer(self, block: Block, x, first, saved: dict, ctx: LayerInputs, qkv_scale, out_scale, bigram,
+                        attention_input) -> torch.Tensor:
+        """The last layer with MUDD (short #89): c = coefficients of its input x; with a = layer
+        mudd_sources[0]'s output: values get c0 x0 + c1 a + c2 x and the value embedding weighted c6 (first
+        half of the heads) / c7 (second half); x <- (1 + c5) x + c3 x0 + c4 a; x <- c8 x + c9 attention +
+        c10 x0 (+ c11 bigram); x <- c12 x + c13 MLP(norm x)."""
+        c = self.mudd_coefficients(x, 0, MUDD_COEFFS).unbind(-1)
+        a = saved[self.cfg.mudd_sources[0]]
+        value_addend = c[0][:, None] * first + c[1][:, None] * a + c[2][:, None] * x
+        if block.value_embed_index is not None:
+            heads, half = self.cfg.num_heads, self.cfg.num_heads // 2
+            per_head = torch.stack([c[6]] * half + [c[7]] * (heads - half), dim=-1)  # (T, heads)
+            value_embed = ctx.value_embeds[block.value_embed_index].type_as(x).view(x.size(0), heads, -1)
+            value_addend = value_addend + (per_head[..., None] * value_embed).flatten(1)
+        x = (1 + c[5][:, None]) * x + c[3][:, None] * first + c[4][:, None] * a
+        attended = block.attn(rms_norm(x) if attention_input is None else attention_input, None, ctx, qkv_scale,
+                              out_scale, value_addend)
+        x = c[8][:, None] * x + c[9][:, None] * attended + c[10][:, None] * first
+        if bigram is not None:
+            x = add_to_leading_dims(x, c[11][:, None] * bigram)
+        return c[12][:, None] * x + c[13][:, None] * block.mlp(rms_norm(x))
+
+    def mudd_after_last_layer(self, x, first, saved: dict, ctx: LayerInputs) -> torch.Tensor:
+        """x + n0 x0 + n1 (layer a's output) + n2 (the last layer's input) + n3 (value-embedding table 0)
+        + n4 (layer b's output), n = coefficients of x (n1 starts at -0.5: a backout of layer a)."""
+        n = self.mudd_coefficients(x, 1, 5).unbind(-1)
+        a, b = (saved[layer] for layer in self.cfg.mudd_sources)
+        last_input = saved[self.cfg.num_layers - 2]
+        return (x + n[0][:, None] * first + n[1][:, None] * a + n[2][:, None] * last_input
+                + n[3][:, None] * ctx.value_embeds[0].type_as(x) + n[4][:, None] * b)
 
     def logits(self, tokens, cu_seqlens, max_seqlen: int, windows: tuple[int, int]) -> torch.Tensor:
         """Soft-capped logits, (T, padded vocab), fp32 under no_grad (see head); for evaluation and tests."""
@@ -1982,6 +2069,9 @@ class GPT(nn.Module):
             nll = logits.logsumexp(-1, keepdim=True) - logits.gather(1, wanted[i:i + piece])
             total = total + (nll * weights[i:i + piece]).sum()
         return total
+
+
+MUDD_COEFFS = 14  # the last layer's per-token coefficients (the post-loop mix uses the first 5)
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:

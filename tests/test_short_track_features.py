@@ -376,3 +376,94 @@ def test_paired_head_attention_by_hand():
 def test_paired_head_pattern_is_checked(settings, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.config_from_args(["--preset", "test", *settings])
+
+
+# --- MUDD dynamic dense connections -------------------------------------------------------------------
+
+
+def mudd_pair(**overrides):
+    """A 4-layer MUDD model (sources: layer 1, the attention source, and layer 0, the skip source) and the
+    static model it starts as: a 0.5 backout of layer 1, and twice the last layer's value embedding (MUDD
+    weighs it 2 at the start, twice what an ungated or zero-init gated value embedding gets)."""
+    common = dict(compute_dtype="float32", residual_form="sublayer", attention_source_layer=1,
+                  value_embed_pattern="0..1", skip_connections=((2, 0),), bigram_vocab=997, bigram_dim=8, bigram_sign_rows=16,
+                  value_embed_init_std=0.5, attn_out_zero_init=False, **overrides)
+    torch.manual_seed(0)
+    mudd = tg.GPT(tg.build_config("test", mudd_sources=(1, 0), backout_layer=-1, **common).model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # non-zero bigram rows and MLP outputs, so every path carries something
+        mudd.bigram_embed.normal_(generator=g)
+        for block in mudd.blocks:
+            block.mlp.proj.normal_(std=0.05, generator=g)
+    static = tg.GPT(tg.build_config("test", backout_layer=1, **common).model)
+    state = {k: v for k, v in mudd.state_dict().items() if k in static.state_dict() and k != "scalars"}
+    static.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name in ("qkv", "out", "skip", "smear"):
+            static.scalar(name).copy_(mudd.scalar(name))
+        static.value_embeds[1].mul_(2)
+    return mudd, static
+
+
+def test_mudd_starts_as_the_static_path_with_a_backout():
+    mudd, static = mudd_pair()
+    assert mudd.mudd_w1.shape == (2, 64, 32) and mudd.mudd_w2.shape == (2, 14, 64) and (mudd.mudd_w2 == 0).all()
+    assert [p.label for p in (mudd.mudd_w1, mudd.mudd_w2, mudd.mudd_b2)] == ["mudd_w1", "mudd_w2", "mudd_b2"]
+    tokens = torch.randint(0, 50000, (40,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    torch.testing.assert_close(mudd.hidden_states(tokens, cu, 23, (128, 64)),
+                               static.hidden_states(tokens, cu, 23, (128, 64)), rtol=1e-5, atol=1e-5)
+    mudd(tokens, tokens, cu, 23, (128, 64)).backward()
+    assert mudd.mudd_w2.grad.abs().amax(dim=(1, 2)).min() > 0  # both coefficient MLPs learn from the start
+
+
+def test_mudd_last_layer_and_final_mix_by_hand():
+    """Random coefficient MLPs; the last layer and the mix after it written out from the record's formulas."""
+    mudd, _ = mudd_pair()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        mudd.mudd_w2.normal_(generator=g)
+        mudd.mudd_b2.normal_(generator=g)
+    tokens = torch.randint(0, 50000, (40,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    norm = lambda t: torch.nn.functional.rms_norm(t, (32,))  # noqa: E731
+    with torch.no_grad():
+        got = mudd.hidden_states(tokens, cu, 23, (128, 64))
+        segments = tg.make_segments(cu, 23, 40)
+        ctx = mudd.layer_inputs(tokens, segments, (128, 64))
+        captured = {}
+        for i in (0, 1, 2):  # the outputs of layers 0..2 as the model computes them
+            mudd.blocks[i].register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out))
+        mudd.hidden_states(tokens, cu, 23, (128, 64))
+        x0 = mudd.input_embeddings(tokens, segments)[0]
+        rows, signs = tg.bigram_rows(tokens, 997, 16)
+        bigram = mudd.bigram_embed[rows] * mudd.bigram_signs[signs]
+        x0 = torch.cat([x0[:, :8] + mudd.bigram_lambdas[0] * bigram, x0[:, 8:]], -1)
+
+        def coefficients(x, which, n):
+            hidden = torch.nn.functional.gelu(x @ mudd.mudd_w1[which].T)
+            return 0.1 * (hidden @ mudd.mudd_w2[which, :n].T + mudd.mudd_b2[which, :n])
+
+        x, a, b = captured[2], captured[1], captured[0]
+        c = coefficients(x, 0, 14).T[..., None]  # c[k]: (T, 1)
+        ve = ctx.value_embeds[1].view(40, 2, 16)  # the last layer's table (pattern 0..1), 2 heads
+        addend = c[0] * x0 + c[1] * a + c[2] * x + torch.cat([c[6] * ve[:, 0], c[7] * ve[:, 1]], -1)
+        y = (1 + c[5]) * x + c[3] * x0 + c[4] * a
+        block = mudd.blocks[3]
+        attended = block.attn(norm(a), None, ctx, mudd.scalar("qkv")[3], mudd.scalar("out")[3], addend)
+        y = c[8] * y + c[9] * attended + c[10] * x0
+        y = torch.cat([y[:, :8] + c[11] * bigram, y[:, 8:]], -1)
+        y = c[12] * y + c[13] * block.mlp(norm(y))
+        n = coefficients(y, 1, 5).T[..., None]
+        y = y + n[0] * x0 + n[1] * a + n[2] * x + n[3] * ctx.value_embeds[0] + n[4] * b
+    torch.testing.assert_close(got, norm(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["--mudd-sources", "1"], "needs two layers a,b before the last"),
+    (["--mudd-sources", "1,0"], "needs --residual-form sublayer"),
+    (["--mudd-sources", "1,0", "--residual-form", "sublayer"], "replaces the backout"),
+])
+def test_mudd_sources_are_checked(settings, message):
+    with pytest.raises(tg.ConfigError, match=message):
+        tg.config_from_args(["--preset", "test", *settings])
