@@ -196,6 +196,32 @@ MEDIUM_2025_12_31_LABELS = {
     "mlp_fc":      LabelRule("muon"),
     "mlp_proj":    LabelRule("muon", 2.0),
 }
+# Short record #89 (2026-07-17): gates, lambdas and scalars in Adam with their own betas; head and embeddings
+# decayed 150x and 5x; x0, bigram, post and XSA lambdas at the base lr, residual lambdas and scalars 5x.
+SHORT_2026_07_17_LABELS = {
+    #               optimiser       lr    wd     Adam betas
+    "lm_head":     LabelRule("adam", 1.0, 150.0, (0.5, 0.95)),
+    "untied_embed": LabelRule("adam", 1.0, 150.0, (0.5, 0.95)),
+    "embed":       LabelRule("adam", 1.0, 150.0, (0.5, 0.95)),  # (not in the record: one input table)
+    "value_embed": LabelRule("adam", 75.0, 5.0, (0.75, 0.95)),
+    "smear_gate":  LabelRule("adam", 0.01, 0.0, (0.9, 0.99)),
+    "skip_gate":   LabelRule("adam", 0.05, 0.0, (0.9, 0.99)),
+    "x0_lambdas":  LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),
+    "xsa":         LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),
+    "bigram_embed": LabelRule("adam", 75.0, 5.0, (0.75, 0.95)),
+    "bigram_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),
+    "resid_lambdas": LabelRule("adam", 5.0, 0.0, (0.9, 0.95)),
+    "post_lambdas": LabelRule("adam", 1.0, 0.0, (0.9, 0.95)),
+    "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),
+    "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),
+    "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),
+    "scalars":     LabelRule("adam", 5.0, 0.0, (0.9, 0.99)),
+    "attn":        LabelRule("muon"),
+    "attn_gate":   LabelRule("adam", 1.0, 1.0, (0.9, 0.99)),
+    "value_embed_gate": LabelRule("adam", 1.0, 1.0, (0.9, 0.99)),
+    "mlp_fc":      LabelRule("muon"),
+    "mlp_proj":    LabelRule("muon", 2.0),
+}
 
 
 def parse_label_overrides(text: str, table: dict) -> dict:
@@ -372,6 +398,11 @@ class ModelConfig:
     fp32_train_logits: bool = False  # variant: fp32 training logits (the records round them to bf16 after the softcap)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
     fp8_scales: tuple = setting((100 / 448, 1.5 / 448, 0.75 / 448), check=exactly(3))  # x, w, logit gradient
+    # How the attention and MLP matrices (fp32 parameters) enter a bfloat16 forward. float32: rounded to the
+    # nearest bfloat16. split_bfloat16 (short #89, which holds them as bfloat16 plus a 16-bit remainder that
+    # together make the fp32 master): the upper 16 bits, i.e. truncated, and the initial weights rounded to
+    # bfloat16. Nothing changes when the compute dtype is float32.
+    matrix_storage: str = setting("float32", choices=("float32", "split_bfloat16"))
     # auto: varlen on CUDA with token windows, flex on CUDA with block windows, sdpa on CPU
     attention_backend: str = setting("auto", choices=lambda: ("auto", *ATTENTION_BACKENDS))
     # activations, embeddings, head and bf16-held gates. auto: bfloat16 on CUDA (the records), float32 on a CPU,
@@ -472,6 +503,9 @@ class ScheduleConfig:
                                                        "batch stages, weights fading within each")
     window_cubic_max_tokens: int = 3456
     lr_stage_multipliers: tuple = setting((1.0, 1.51, 1.93), check=NON_EMPTY)
+    # after: the lr multiplier of stage k applies once step/num_iterations is strictly past k/stages (short
+    # 2025-12-21, medium 2025-12-31); at: from the batch stage's first step on (short #89)
+    lr_stage_start: str = setting("after", choices=("after", "at"))
     cooldown_frac: float = 0.55
     lr_min_frac: float = 0.1
     momentum_warmup_steps: int = setting(300, check=NON_NEGATIVE)
@@ -515,6 +549,19 @@ CONFIG_FIELDS = {f.name: (group, f) for group, cls in CONFIG_GROUPS.items() for 
 CPU_SAMPLE_DATA = dict(train_files="data/sample/tinyshakespeare_train_*.bin",
                        val_files="data/sample/tinyshakespeare_val_*.bin", repeat_data=True, long_documents="continue",
                        max_seq_len=256, batch_slices=2, val_tokens=16_384, val_batch_tokens=4096)
+# Short record #89: the model switches that make its architecture, and its optimiser settings (both presets).
+SHORT_2026_07_17_MODEL = dict(
+    residual_form="sublayer", attention_source_layer=7, mudd_sources=(7, 3), backout_layer=-1,
+    value_embed_pattern=".01.....234", value_embed_init_std=0.01, value_embed_gate=True,
+    value_embed_gate_input="residual_and_value", paired_head_pattern="P.P..P...P.", xsa_pattern=".X.XX..XX.X",
+    qk_group_heads=2, rotary_pairs="adjacent", attn_out_zero_init=False, skip_token_gate=True,
+    bigram_vocab=50_304 * 15, bigram_dim=192, bigram_sign_rows=8192, untie_embedding_frac=2 / 3,
+    softcap_scale=23.0, softcap_offset=5.0, fp8_scales=(100 / 448, 1.6 / 448, 0.75 / 448), matrix_storage="split_bfloat16")
+SHORT_2026_07_17_OPTIM = dict(labels=SHORT_2026_07_17_LABELS, adam_eps=1e-10, adam_moment_dtype="float32",
+                              adam_cautious_strict=True, normuon_beta2=0.9, muon_shape_factor="matrix")
+SHORT_2026_07_17_SCHEDULE = dict(lr_stage_multipliers=(1.0, 1.52, 1.73), lr_stage_start="at", cooldown_frac=0.6,
+                                 lr_min_frac=0.15,
+                                 multi_token_prediction=True, scalar_pause_steps=0)
 MEDIUM_2025_12_31_OPTIM = dict(labels=MEDIUM_2025_12_31_LABELS, adam_lr=0.004, adam_cautious_strict=True,
                                muon_lr=0.015)
 
@@ -568,6 +615,17 @@ PRESETS: dict[str, dict] = {
             lr_stage_multipliers=(1.0, 1.52, 1.73) + (2.0,) * 9, cooldown_frac=0.7, lr_min_frac=0.1,
             multi_token_prediction=True, scalar_pause_steps=0),
     },
+    # Short record #89 of 2026-07-17 "MLP down projection in FP8 with efficient delayed scaling metric" (79.7 s
+    # measured, 1390 steps): paired-head attention, per-head-pair Q/K, a hashed bigram embedding, five gated
+    # value embeddings, per-sublayer residual scales, MUDD, learnable XSA, multi-token prediction, an untied
+    # input embedding from 2/3 of training. docs/record_facts/short_89_2026-07-17.md lists the facts.
+    "short_2026_07_17": {
+        "run": dict(target_val_loss=3.28),
+        "model": SHORT_2026_07_17_MODEL,
+        "optim": SHORT_2026_07_17_OPTIM,
+        "schedule": dict(num_iterations=1380, extension_iterations=10, max_seq_len_stages=(896, 2048, 2048),
+                         **SHORT_2026_07_17_SCHEDULE),
+    },
     "cpu": {  # a real run on data/sample in a few minutes on a laptop CPU
         "run": dict(target_val_loss=5.9),
         "data": CPU_SAMPLE_DATA,
@@ -580,6 +638,21 @@ PRESETS: dict[str, dict] = {
                          long_window_blocks_stages=(2, 3, 4), long_window_blocks_extension=4,
                          long_window_blocks_final_val=6,
                          momentum_warmup_steps=30, momentum_cooldown_steps=10, scalar_pause_steps=10),
+        "loop": dict(val_every=25, warmup_steps=0),
+    },
+    "short_2026_07_17_cpu": {  # the short_2026_07_17 recipe at the cpu preset's size, on data/sample
+        "run": dict(target_val_loss=5.9),
+        "data": CPU_SAMPLE_DATA,
+        "model": {**SHORT_2026_07_17_MODEL, **dict(
+            num_layers=6, model_dim=128, num_heads=2, head_dim=64, window_block=64, window_pattern="SSLNSL",
+            value_embed_pattern=".0..12", paired_head_pattern="P...P.", xsa_pattern=".XX..X", skip_connections=((3, 2),),
+            attention_source_layer=3, mudd_sources=(3, 2), bigram_vocab=16_384, bigram_dim=32)},
+        "optim": SHORT_2026_07_17_OPTIM,
+        "schedule": dict(num_iterations=150, extension_iterations=10, max_seq_len_stages=(128, 256, 256),
+                         batch_tokens_stages=(512, 1024, 1024), batch_tokens_extension=1024,
+                         long_window_blocks_stages=(2, 3, 4), long_window_blocks_extension=4,
+                         long_window_blocks_final_val=6, momentum_warmup_steps=30, momentum_cooldown_steps=10,
+                         **SHORT_2026_07_17_SCHEDULE),
         "loop": dict(val_every=25, warmup_steps=0),
     },
     "medium_2025_12_31_cpu": {  # the medium_2025_12_31 recipe at the cpu preset's size, on data/sample
@@ -1319,6 +1392,16 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def matrix_in(w: torch.Tensor, dtype: torch.dtype, truncate: bool) -> torch.Tensor:
+    """An fp32 weight matrix in the compute dtype: rounded, or (truncate, for bfloat16) its upper 16 bits,
+    with the gradient passed straight through to the fp32 weight."""
+    if truncate and dtype == torch.bfloat16 and w.dtype == torch.float32:
+        with torch.no_grad():
+            low_bits = w - (w.view(torch.int32) & -65536).view(torch.float32)  # exact in fp32
+        w = w - low_bits
+    return w.to(dtype)
+
+
 def labelled(tensor: torch.Tensor, label: str) -> nn.Parameter:
     param = nn.Parameter(tensor)
     param.label = label
@@ -1662,6 +1745,7 @@ class Attention(nn.Module):
         self.mask_document_starts = cfg.mask_document_starts
         self.normed_values = cfg.value_path == "normed"
         self.value_gate_reads_value = cfg.value_embed_gate_input == "residual_and_value"
+        self.truncate = cfg.matrix_storage == "split_bfloat16"
 
     def forward(self, x, value_embed, ctx: LayerInputs, qkv_scale, out_scale, value_addend=None) -> torch.Tensor:
         """qkv_scale, out_scale: the layer's sa lambdas; on the normed value path they weigh v and ve.
@@ -1715,9 +1799,9 @@ class Attention(nn.Module):
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(QKV stacked (3 * inner, dim), O (inner, dim)) in `dtype`, however they are held."""
         if self.qk_grouped:
-            vo = self.vo.to(dtype)
-            return torch.cat([self.qk.to(dtype).flatten(0, 1), vo[0]]), vo[1]
-        w = self.qkvo.to(dtype)
+            vo = matrix_in(self.vo, dtype, self.truncate)
+            return torch.cat([matrix_in(self.qk, dtype, self.truncate).flatten(0, 1), vo[0]]), vo[1]
+        w = matrix_in(self.qkvo, dtype, self.truncate)
         return w[:3].flatten(0, 1), w[3]
 
 
@@ -1738,10 +1822,12 @@ class MLP(nn.Module):
         # transposed: same shape as fc (one Muon batch); out_in: (dim x hidden) like nn.Linear
         self.proj_transposed = cfg.mlp_proj_layout == "transposed"
         self.proj = labelled(torch.zeros((hidden, dim) if self.proj_transposed else (dim, hidden)), "mlp_proj")
+        self.truncate = cfg.matrix_storage == "split_bfloat16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(F.linear(x, self.fc.type_as(x))).square()
-        return h @ self.proj.type_as(x) if self.proj_transposed else F.linear(h, self.proj.type_as(x))
+        fc, proj = (matrix_in(w, x.dtype, self.truncate) for w in (self.fc, self.proj))
+        h = F.relu(F.linear(x, fc)).square()
+        return h @ proj if self.proj_transposed else F.linear(h, proj)
 
 
 class Block(nn.Module):
@@ -1842,6 +1928,11 @@ class GPT(nn.Module):
         self.skip_gates = (labelled(torch.zeros(len(cfg.skip_connections), cfg.gate_dims, dtype=gate_dtype), "skip_gate")
                            if cfg.skip_token_gate and cfg.skip_connections else None)
         self.blocks = nn.ModuleList(Block(cfg, layer, dtype) for layer in range(L))
+        if cfg.matrix_storage == "split_bfloat16" and dtype == torch.bfloat16:
+            with torch.no_grad():  # the record initialises in fp32, then stores bfloat16 (remainder zero)
+                for p in self.blocks.parameters():
+                    if p.label in ("attn", "mlp_fc", "mlp_proj"):
+                        p.copy_(p.bfloat16().float())
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_min_freq, cfg.rotary_pairs)
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))  # persistent: YaRN changes it
         self.x0_lambdas = labelled(torch.zeros(L, cfg.input_embeds), "x0_lambdas")
@@ -3126,8 +3217,11 @@ class Schedule:
         return self.final_val_windows() if step == self.total_steps else self.windows(step)
 
     def lr_stage_index(self, step: int) -> int:
-        """The stage of the lr multiplier: as the records, it moves on once x is strictly past a stage start
-        (x > k/stages), one step later than the batch stage where a stage starts exactly on a step."""
+        """The stage of the lr multiplier: the batch stage (lr_stage_start "at"), or, as the earlier records,
+        once x is strictly past a stage start (x > k/stages): one step later where a stage starts exactly
+        on a step."""
+        if self.cfg.lr_stage_start == "at":
+            return self.stage_index(step)
         stages = len(self.cfg.batch_tokens_stages)
         return max(0, min(-(-stages * step // self.cfg.num_iterations) - 1, stages))
 

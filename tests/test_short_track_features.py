@@ -467,3 +467,34 @@ def test_mudd_last_layer_and_final_mix_by_hand():
 def test_mudd_sources_are_checked(settings, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.config_from_args(["--preset", "test", *settings])
+
+
+def test_split_bfloat16_storage_truncates_the_fp32_master_in_the_forward():
+    """--matrix-storage split_bfloat16: a bfloat16 forward reads the upper 16 bits of each fp32 matrix (the
+    record's bf16 part of bf16 + 16-bit remainder), the gradient reaches the fp32 master unchanged, and the
+    initial matrices are bfloat16 numbers. float32 storage rounds to nearest instead."""
+    split = tg.GPT(tg.build_config("test", compute_dtype="bfloat16", matrix_storage="split_bfloat16").model)
+    for p in split.blocks.parameters():
+        if p.label in ("attn", "mlp_fc", "mlp_proj"):
+            assert p.dtype == torch.float32 and torch.equal(p, p.bfloat16().float()), p.label
+    rounded = tg.GPT(tg.build_config("test", compute_dtype="bfloat16").model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32, generator=g).bfloat16()
+    fc, proj = torch.randn(128, 32, generator=g), torch.randn(128, 32, generator=g) * 0.1
+    for model in (split, rounded):
+        with torch.no_grad():
+            model.blocks[0].mlp.fc.copy_(fc)
+            model.blocks[0].mlp.proj.copy_(proj)
+    out = split.blocks[0].mlp(x)
+    out.float().square().sum().backward()
+
+    def truncated(w):
+        return torch.tensor([float(torch.tensor(int(i) & ~0xFFFF, dtype=torch.int32).view(torch.float32))
+                             for i in w.view(torch.int32).flatten()]).view_as(w).bfloat16()
+
+    fc16, proj16 = truncated(fc).requires_grad_(), truncated(proj).requires_grad_()
+    expected = torch.relu(x @ fc16.T).square() @ proj16
+    expected.float().square().sum().backward()
+    assert torch.equal(out, expected)
+    assert torch.equal(split.blocks[0].mlp.fc.grad, fc16.grad.float())
+    assert not torch.equal(rounded.blocks[0].mlp(x), out)  # rounding to nearest is another forward
