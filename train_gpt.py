@@ -394,6 +394,11 @@ class ModelConfig:
     softcap_offset: float = 0.0  # medium 2025-12-31: 5
     head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA in training (bf16 elsewhere)
+    # FP8 MLP matmuls in CUDA training (short #89): the up projection with per-tensor scales from the current
+    # input and weights (amax/448); the down projection with delayed scales: activations by the previous
+    # training forward's amax x 1.80/448 (1 at the start), weights by the previous step's amax x 1.12/448
+    # (the current amax/448 over the first 16 steps). The backward is bf16 from the unquantised tensors.
+    fp8_mlp: bool = False
     fp8_head_in_validation: bool = False  # variant: FP8 for validation logits too (the record: a plain bf16 matmul)
     fp32_train_logits: bool = False  # variant: fp32 training logits (the records round them to bf16 after the softcap)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
@@ -556,7 +561,8 @@ SHORT_2026_07_17_MODEL = dict(
     value_embed_gate_input="residual_and_value", paired_head_pattern="P.P..P...P.", xsa_pattern=".X.XX..XX.X",
     qk_group_heads=2, rotary_pairs="adjacent", attn_out_zero_init=False, skip_token_gate=True,
     bigram_vocab=50_304 * 15, bigram_dim=192, bigram_sign_rows=8192, untie_embedding_frac=2 / 3,
-    softcap_scale=23.0, softcap_offset=5.0, fp8_scales=(100 / 448, 1.6 / 448, 0.75 / 448), matrix_storage="split_bfloat16")
+    softcap_scale=23.0, softcap_offset=5.0, fp8_scales=(100 / 448, 1.6 / 448, 0.75 / 448), fp8_mlp=True,
+    matrix_storage="split_bfloat16")
 SHORT_2026_07_17_OPTIM = dict(labels=SHORT_2026_07_17_LABELS, adam_eps=1e-10, adam_moment_dtype="float32",
                               adam_cautious_strict=True, normuon_beta2=0.9, muon_shape_factor="matrix")
 SHORT_2026_07_17_SCHEDULE = dict(lr_stage_multipliers=(1.0, 1.52, 1.73), lr_stage_start="at", cooldown_frac=0.6,
@@ -866,6 +872,8 @@ def check_config(cfg: Config) -> None:
     if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
         fail("untie_embedding_frac", "the untied embedding takes the head's Adam state: --labels lm_head and "
                                      "untied_embed must both use adam")
+    if model.fp8_mlp and model.mlp_proj_layout != "transposed":
+        fail("fp8_mlp", "needs --mlp-proj-layout transposed")
     if model.value_embed_gate and model.value_path != "scaled":
         fail("value_embed_gate", "gates v + ve on the scaled value path (--value-path scaled)")
     on_cpu = resolve_device_type(cfg.run.device) == "cpu"
@@ -1640,6 +1648,62 @@ def _fp8_backward(ctx, grad_out, grad_x8, grad_w8):
 
 fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
 
+FP8_MAX = 448.0  # largest e4m3 value
+FP8_MLP_ACTIVATION_HEADROOM = 1.80  # delayed scales leave room for growth since the amax they came from
+FP8_MLP_WEIGHT_HEADROOM = 1.12
+FP8_MLP_BOOTSTRAP_STEPS = 16  # optimiser steps whose down-projection weight scale is the current amax/448
+
+
+def fp8_mlp_math(x, fc, proj, activation_scale, proj_scale):
+    """relu(x fc^T)^2 proj with FP8 matmuls: x and fc quantised by their own amax/448 (fp32 accumulation),
+    the hidden activation and proj by the given (delayed) scales (fast accumulation). Returns the output
+    and what the backward and the next scales need: pre-activation, activation, the activation's amax."""
+    x_scale = x.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    fc_scale = fc.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    x8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    fc8 = (fc.float() / fc_scale).to(torch.float8_e4m3fn)
+    pre = torch._scaled_mm(x8, fc8.T, scale_a=x_scale, scale_b=fc_scale, out_dtype=torch.bfloat16)
+    post = F.relu(pre).square()
+    post8 = (post.float() / activation_scale).clamp_max(FP8_MAX).to(torch.float8_e4m3fn)
+    proj8 = (proj.float() / proj_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(post8, proj8.T.contiguous().T, scale_a=activation_scale, scale_b=proj_scale,
+                           out_dtype=torch.bfloat16, use_fast_accum=True)
+    return out, pre, post, post.abs().amax().float()
+
+
+fp8_mlp_region = fp8_region("mlp", fp8_mlp_math)
+
+
+@torch.library.custom_op("speedrun::fp8_mlp", mutates_args=())
+def fp8_mlp(x: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, activation_scale: torch.Tensor,
+            proj_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return fp8_mlp_region(x, fc, proj, activation_scale, proj_scale)
+
+
+@fp8_mlp.register_fake
+def _(x, fc, proj, activation_scale, proj_scale):
+    hidden = x.new_empty(x.size(0), fc.size(0), dtype=torch.bfloat16)
+    return (x.new_empty(x.size(0), proj.size(1), dtype=torch.bfloat16), hidden, torch.empty_like(hidden),
+            x.new_empty((), dtype=torch.float32))
+
+
+def _fp8_mlp_setup_context(ctx, inputs, output):
+    x, fc, proj, _, _ = inputs
+    ctx.save_for_backward(x, fc, proj, output[1], output[2])
+
+
+def _fp8_mlp_backward(ctx, grad_out, grad_pre, grad_post, grad_amax):
+    """The bf16 MLP's gradient at the FP8 forward's activations (straight through the quantisation)."""
+    x, fc, proj, pre, post = ctx.saved_tensors
+    grad_out = grad_out.to(post.dtype)
+    grad_pre = 2 * (grad_out @ proj.T.to(grad_out.dtype)) * F.relu(pre)
+    grad_x = grad_pre @ fc.to(grad_pre.dtype)
+    return (grad_x.to(x.dtype), (grad_pre.T @ x.to(grad_pre.dtype)).to(fc.dtype),
+            (post.T @ grad_out).to(proj.dtype), None, None)
+
+
+fp8_mlp.register_autograd(_fp8_mlp_backward, setup_context=_fp8_mlp_setup_context)
+
 
 # --- layers ---------------------------------------------------------------------
 
@@ -1823,11 +1887,32 @@ class MLP(nn.Module):
         self.proj_transposed = cfg.mlp_proj_layout == "transposed"
         self.proj = labelled(torch.zeros((hidden, dim) if self.proj_transposed else (dim, hidden)), "mlp_proj")
         self.truncate = cfg.matrix_storage == "split_bfloat16"
+        self.fp8 = cfg.fp8_mlp
+        if self.fp8:  # the delayed FP8 scales (section 3 above), persistent: checkpoints and the warm-up keep them
+            self.register_buffer("fp8_activation_scale", torch.ones(()))
+            self.register_buffer("fp8_proj_scale", torch.zeros(()))
+            self.register_buffer("fp8_proj_next_scale", torch.zeros(()))
+            self.refresh_fp8_proj_scale(0)  # the initial weights' scale, as after a bootstrap step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc, proj = (matrix_in(w, x.dtype, self.truncate) for w in (self.fc, self.proj))
+        if self.fp8 and torch.is_grad_enabled() and fp8_supported(x):
+            out, _, _, amax = fp8_mlp(x, fc, proj, self.fp8_activation_scale, self.fp8_proj_scale)
+            with torch.no_grad():  # the next training forward's activation scale
+                self.fp8_activation_scale.copy_(amax.clamp_min(1e-12) * (FP8_MLP_ACTIVATION_HEADROOM / FP8_MAX))
+            return out
         h = F.relu(F.linear(x, fc)).square()
         return h @ proj if self.proj_transposed else F.linear(h, proj)
+
+    @torch.no_grad()
+    def refresh_fp8_proj_scale(self, step: int) -> None:
+        """After optimiser step `step`: the down projection is quantised with the scale measured after the
+        previous step (the current amax/448 over the first steps), then the next scale is measured."""
+        amax = matrix_in(self.proj, torch.bfloat16, self.truncate).abs().amax().float().clamp_min(1e-12)
+        if step < FP8_MLP_BOOTSTRAP_STEPS:
+            self.fp8_proj_next_scale.copy_(amax / FP8_MAX)
+        self.fp8_proj_scale.copy_(self.fp8_proj_next_scale)
+        self.fp8_proj_next_scale.copy_(amax * (FP8_MLP_WEIGHT_HEADROOM / FP8_MAX))
 
 
 class Block(nn.Module):
@@ -1997,6 +2082,12 @@ class GPT(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.embedding_untied = state["embedding_untied"]
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Refresh what depends on the new weights: the delayed FP8 scales of the MLP down projections."""
+        for block in self.blocks:
+            if block.mlp.fp8:
+                block.mlp.refresh_fp8_proj_scale(step)
 
     def rescale_rotary(self, old_window: int, new_window: int) -> None:
         """YaRN update when the long window grows (a schedule event, section 6)."""
@@ -3593,6 +3684,7 @@ def train_step(model, optimizers: OptimizerSet, micro_batches: list[MicroBatch],
         (loss / (len(micro_batches) * tokens)).backward()
         loss_sum += loss.detach()
     optimizers.step(plan.step, plan.lr_multiplier, plan.momentum)
+    model.after_optimizer_step(plan.step)
     return loss_sum
 
 

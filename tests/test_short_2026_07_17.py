@@ -44,7 +44,7 @@ def test_model_layout(cfg):
     assert m.untie_embedding_frac == pytest.approx(2 / 3) and m.tie_embedding and m.input_embeds == 1
     assert (m.softcap, m.softcap_scale, m.softcap_offset) == ("sigmoid", 23.0, 5.0)
     assert m.fp8_head and m.fp8_scales == (100 / 448, 1.6 / 448, 0.75 / 448) and m.head_init_std == 0.005
-    assert m.matrix_storage == "split_bfloat16" and m.smear_gate and m.attn_gate
+    assert m.matrix_storage == "split_bfloat16" and m.fp8_mlp and m.smear_gate and m.attn_gate
     assert cfg.data.max_seq_len == 2048 and cfg.data.data_stream == "bos_aligned"
     assert cfg.data.val_tokens == 10_485_760 and cfg.loop.val_every == 250 and cfg.run.target_val_loss == 3.28
 

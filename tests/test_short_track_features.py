@@ -498,3 +498,99 @@ def test_split_bfloat16_storage_truncates_the_fp32_master_in_the_forward():
     assert torch.equal(out, expected)
     assert torch.equal(split.blocks[0].mlp.fc.grad, fc16.grad.float())
     assert not torch.equal(rounded.blocks[0].mlp(x), out)  # rounding to nearest is another forward
+
+
+# --- FP8 MLP with delayed scaling (the GPU path; torch._scaled_mm has a CPU kernel) ----------------------
+
+
+def e4m3(t):
+    return t.float().to(torch.float8_e4m3fn).float()
+
+
+def fp8_mlp_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 64, generator=g).bfloat16()
+    fc = (torch.randn(256, 64, generator=g) * 0.1).bfloat16()
+    proj = (torch.randn(256, 64, generator=g) * 0.05).bfloat16()
+    return x, fc, proj
+
+
+def relative_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("activation_scale", [0.05, 1e-4])
+def test_fp8_mlp_forward_against_a_quantise_dequantise_reference(activation_scale):
+    """Up projection: x and fc by their own amax/448; down projection: the activation by the given (delayed)
+    scale, saturating at 448 (the small scale saturates most of it), proj by its scale, clamped to +-448."""
+    x, fc, proj = fp8_mlp_inputs()
+    a_scale, p_scale = torch.tensor(activation_scale), torch.tensor(float(proj.float().abs().max()) / 448 * 0.5)
+    out, pre, post, amax = tg.fp8_mlp(x, fc, proj, a_scale, p_scale)
+    x_s, fc_s = x.float().abs().max() / 448, fc.float().abs().max() / 448
+    pre_ref = (e4m3(x.float() / x_s) * x_s @ (e4m3(fc.float() / fc_s) * fc_s).T).bfloat16()
+    post_ref = torch.relu(pre_ref).square()
+    post_q = e4m3((post_ref.float() / a_scale).clamp(max=448)) * a_scale
+    proj_q = e4m3((proj.float() / p_scale).clamp(-448, 448)) * p_scale
+    assert relative_error(pre, pre_ref) < 1e-2 and relative_error(post, post_ref) < 2e-2
+    assert relative_error(out, post_q @ proj_q) < 1e-2
+    assert out.dtype == pre.dtype == post.dtype == torch.bfloat16
+    assert float(amax) == float(post.float().abs().max())
+    if activation_scale < 1e-3:  # saturated: far from the unquantised product
+        assert relative_error(out, post_ref.float() @ proj.float()) > 0.5
+
+
+def test_fp8_mlp_backward_is_the_bf16_gradient_at_the_fp8_activations():
+    x, fc, proj = fp8_mlp_inputs(1)
+    grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (x, fc, proj)]
+    out, pre, _, _ = tg.fp8_mlp(*leaves, torch.tensor(0.01), torch.tensor(0.001))
+    out.backward(grad)
+    # Reference: a bf16 MLP whose pre-activation is replaced (straight through) by the FP8 forward's.
+    ref = [t.clone().requires_grad_() for t in (x, fc, proj)]
+    pre_bf16 = ref[0] @ ref[1].T
+    post = torch.relu(pre_bf16 + (pre.detach() - pre_bf16).detach()).square()
+    (post @ ref[2]).backward(grad)
+    for got, expected in zip(leaves, ref):
+        assert relative_error(got.grad, expected.grad) < 1e-2
+
+
+def test_fp8_mlp_delayed_scales(monkeypatch):
+    """The activation scale is the previous training forward's amax x 1.80/448 (1 at first; validation
+    leaves it); the down projection's weight scale is the current amax/448 for steps 0-15, then the amax
+    measured after the previous step x 1.12/448."""
+    monkeypatch.setattr(tg, "fp8_supported", lambda x: x.size(0) % 16 == 0)
+    mlp = tg.MLP(tg.build_config("test", fp8_mlp=True).model)
+    assert float(mlp.fp8_activation_scale) == 1.0 and float(mlp.fp8_proj_scale) == pytest.approx(1e-12 / 448)
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mlp(x)  # validation: bf16, no scale update
+    assert float(mlp.fp8_activation_scale) == 1.0
+    with torch.no_grad():
+        mlp.fc.mul_(10)
+    hidden = torch.relu(x @ mlp.fc.T).square()
+    mlp(x).sum().backward()
+    expected = float(hidden.detach().abs().max()) * 1.80 / 448
+    assert float(mlp.fp8_activation_scale) == pytest.approx(expected, rel=0.1)
+    amaxes = []
+    for step in range(18):
+        with torch.no_grad():
+            mlp.proj.copy_(torch.full_like(mlp.proj, 0.01 * (step + 1)))
+        amaxes.append(0.01 * (step + 1))
+        mlp.refresh_fp8_proj_scale(step)
+        expected = amaxes[step] / 448 if step < 16 else amaxes[step - 1] * 1.12 / 448
+        assert float(mlp.fp8_proj_scale) == pytest.approx(expected, rel=1e-2), step
+    assert float(mlp.fp8_proj_next_scale) == pytest.approx(amaxes[-1] * 1.12 / 448, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_fp8_mlp_trains_and_refreshes_its_scales_after_every_optimiser_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "fp8_supported", lambda x: x.size(0) % 16 == 0)
+    refreshed = []
+    original = tg.MLP.refresh_fp8_proj_scale
+    monkeypatch.setattr(tg.MLP, "refresh_fp8_proj_scale", lambda self, step: refreshed.append(step) or original(self, step))
+    cfg = tg.config_from_args(["--preset", "test", "--fp8-mlp", "true", "--log-dir", str(tmp_path), "--run-id", "f8",
+                               "--val-every", "0", "--num-iterations", "6", "--extension-iterations", "0"])
+    result = tg.train(cfg, [])
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < 10.6  # from ln(50304) = 10.83
+    steps = tg.Schedule.of(cfg).total_steps
+    assert refreshed == [0] * 4 + [s for s in range(steps) for _ in range(4)]  # 4 layers: at init, then each step
