@@ -12,7 +12,9 @@ tests/test_gpu_check.py.
 Stages (run in this order; `--stages` takes names or the groups `correctness`, `speed`, `all`):
   correctness: varlen_vs_sdpa, fp8_head, triton_kernels, flex_vs_sdpa
   speed:       short_compiled (also checks: zero recompiles after the warm-up), medium_steps,
-               medium_2025_12_31_steps (the untie and multi-token phases compiled; zero recompiles after warm-up)
+               medium_2025_12_31_steps (the untie and multi-token phases compiled; zero recompiles after warm-up),
+               short_2026_07_17_compiled (record #89's preset: paired heads, MUDD, FP8 MLP; every stage, the
+               untie; zero recompiles after warm-up)
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import train_gpt as tg  # noqa: E402
 
 STAGE_GROUPS = {
     "correctness": ["varlen_vs_sdpa", "fp8_head", "triton_kernels", "flex_vs_sdpa"],
-    "speed": ["short_compiled", "medium_steps", "medium_2025_12_31_steps"],
+    "speed": ["short_compiled", "medium_steps", "medium_2025_12_31_steps", "short_2026_07_17_compiled"],
 }
 ALL_STAGES = [name for group in STAGE_GROUPS.values() for name in group]
 
@@ -320,6 +322,16 @@ def stage_medium_2025_12_31_steps() -> dict:
                        "--long-window-blocks-stages", twelve(23), "--val-tokens", str(2 * 1024 * 1024),
                        "--val-every", "0")
     result = timed_run(cfg, steps_per_stage=14)
+    result["ok"] = result["recompiles_after_warmup"] == 0 and math.isfinite(result["final_validation"]["val_loss"])
+    return result
+
+
+def stage_short_2026_07_17_compiled() -> dict:
+    """The short_2026_07_17 preset compiled on synthetic tokens, shrunk to 24 + 2 steps (8 a batch stage, the
+    untie after step 17): ms/step per stage, and zero recompiles after the warm-up."""
+    cfg = speed_config("short_2026_07_17", "--num-iterations", "24", "--extension-iterations", "2",
+                       "--warmup-steps", "8", "--val-tokens", str(2 * 1024 * 1024), "--val-every", "0")
+    result = timed_run(cfg, steps_per_stage=8)
     result["ok"] = result["recompiles_after_warmup"] == 0 and math.isfinite(result["final_validation"]["val_loss"])
     return result
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from conftest import REPO
+import train_gpt as tg
 from tests import gpu_check
 
 
 def test_stage_selection_by_group_name_and_all():
     assert gpu_check.select_stages("all") == gpu_check.ALL_STAGES
-    assert gpu_check.select_stages("speed") == ["short_compiled", "medium_steps", "medium_2025_12_31_steps"]
+    assert gpu_check.select_stages("speed") == ["short_compiled", "medium_steps", "medium_2025_12_31_steps",
+                                                "short_2026_07_17_compiled"]
     # names come back in run order, without repeats
     assert gpu_check.select_stages("flex_vs_sdpa,fp8_head,correctness") == gpu_check.STAGE_GROUPS["correctness"]
     assert gpu_check.select_stages("medium_steps, varlen_vs_sdpa") == ["varlen_vs_sdpa", "medium_steps"]
@@ -98,3 +100,18 @@ def test_attention_stage_logic_on_cpu():
         result = gpu_check.attention_vs_sdpa("sdpa", [0, 64, 96], block=block, T=256, heads=2, dim=16, device="cpu")
         assert result["ok"] and list(result["windows"]) == ["0", "64", "96"], result
         assert all(w["out"] < 1e-2 for w in result["windows"].values())
+
+
+@pytest.mark.slow
+def test_short_2026_07_17_stage_compiles_once_on_cpu(monkeypatch):
+    """Record #89's preset at CPU size through the speed stage's loop, compiled with aot_eager, the FP8 MLP on
+    (the CPU's _scaled_mm) with its in-forward scale update: paired heads, MUDD, the multi-token phases and the
+    untie all compile in the warm-up, none after."""
+    monkeypatch.setattr(tg, "fp8_supported", lambda x: x.size(0) % 16 == 0)
+    cfg = gpu_check.speed_config("short_2026_07_17_cpu", "--compile-backend", "aot_eager", "--num-iterations", "12",
+                                 "--extension-iterations", "2", "--warmup-steps", "6", "--val-tokens", "4096",
+                                 "--val-every", "0", "--model-dim", "64", "--head-dim", "32", "--bigram-dim", "16",
+                                 "--fp8-mlp", "true")
+    result = gpu_check.timed_run(cfg, steps_per_stage=4, device=torch.device("cpu"))
+    assert result["graphs_compiled_in_warmup"] >= 4 and result["recompiles_after_warmup"] == 0, result
+    assert math.isfinite(result["final_validation"]["val_loss"])
