@@ -164,14 +164,19 @@ def test_max_seq_len_stages_must_be_integers():
 # --- short #89's layer wiring: rotary pairs, value-gate input, per-sublayer residual scales, attention source --
 
 
+def turn_adjacent_pairs(x, theta):
+    """Dims (2j, 2j+1) of x (T, heads, dim) as the complex number x_2j + i x_2j+1, times exp(-i theta[t, j])."""
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
+    return torch.stack([z.real, z.imag], -1).flatten(-2).float()
+
+
 def test_adjacent_rotary_turns_each_pair_of_neighbouring_dims_as_a_complex_number():
     rotary = tg.Rotary(16, 1 / 1024, "adjacent")
     positions = torch.tensor([0, 1, 5, 300])
     x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(0))
     got = tg.rotate(x, rotary(positions), adjacent=True)
     theta = positions[:, None].double() * rotary.freq.double()  # (T, 8): pair j turns by position * freq_j
-    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
-    torch.testing.assert_close(got, torch.stack([z.real, z.imag], -1).flatten(-2).float())
+    torch.testing.assert_close(got, turn_adjacent_pairs(x, theta))
     # The first half of the dims rotate (4 frequencies from 1 down to 1/1024), the second half is position-free.
     torch.testing.assert_close(rotary.freq[:4], torch.tensor([1.0, 1024 ** (-1 / 3), 1024 ** (-2 / 3), 1 / 1024]))
     assert rotary.position_free_dims().tolist() == [False] * 8 + [True] * 8
@@ -214,13 +219,8 @@ def test_attention_with_adjacent_rotary_and_a_gate_reading_the_value_embedding_b
     assert w[3].abs().max() > 0 and w[3].abs().max() <= math.sqrt(3) * 0.5 / math.sqrt(32)
     q, k, v = (qkv_scale * (a @ w[:3].flatten(0, 1).T)).view(T, 3, H, D).unbind(1)
     theta = torch.arange(T)[:, None].double() * model.rotary.freq.double()
-
-    def rot(x):
-        z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
-        return torch.stack([z.real, z.imag], -1).flatten(-2).float()
-
     norm = lambda t: torch.nn.functional.rms_norm(t, (D,))  # noqa: E731
-    q, k = rot(norm(q)) * model.attn_scale, rot(norm(k))
+    q, k = turn_adjacent_pairs(norm(q), theta) * model.attn_scale, turn_adjacent_pairs(norm(k), theta)
     gate = 2 * torch.sigmoid(torch.cat([a[:, :2], ve[:, :2]], -1) @ attn.value_gate.detach().T)
     v = v + gate[..., None] * ve.view(T, H, D)
     scores = torch.einsum("thd,shd->hts", q, k)
@@ -348,12 +348,7 @@ def test_paired_head_attention_by_hand():
             for j in range(H // 2):
                 q2[2 * t + r, j], k2[2 * t + r, j], v2[2 * t + r, j] = q[t, 2 * j + r], k[t, 2 * j + r], v[t, 2 * r + j]
     theta = position[:, None].double() * model.rotary.freq.double()
-
-    def rot(x):
-        z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(theta), -theta)[:, None]
-        return torch.stack([z.real, z.imag], -1).flatten(-2).float()
-
-    q2, k2 = rot(q2) * model.attn_scale, rot(k2)
+    q2, k2 = turn_adjacent_pairs(q2, theta) * model.attn_scale, turn_adjacent_pairs(k2, theta)
     back = position[:, None] - position[None, :]
     allowed = (document[:, None] == document[None, :]) & (back >= 0) & (back <= window)
     scores = torch.einsum("thd,shd->hts", q2, k2).masked_fill(~allowed, float("-inf"))
