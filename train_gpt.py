@@ -3511,7 +3511,8 @@ def matmul_flops_per_token(model: nn.Module, max_seq_len: int, long_window: int)
     """Training FLOPs per token: 6 per matrix weight (embedding lookups excluded), plus attention
     scores/values over the window."""
     cfg = model.cfg
-    matrix = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and p.label not in ("embed", "value_embed"))
+    lookups = ("embed", "untied_embed", "value_embed", "bigram_embed")  # tables read by index, not multiplied
+    matrix = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and p.label not in lookups)
     attn_layers = sum(1 for c in cfg.window_pattern if c in "SL")
     mean_keys = min(long_window, max_seq_len) * 0.75 / 2  # mix of short and long windows, causal half
     return 6 * matrix + 12 * attn_layers * cfg.num_heads * cfg.head_dim * mean_keys

@@ -148,3 +148,10 @@ def test_cpu_variant_trains(tmp_path):
     result = tg.train(cfg, [])
     assert math.isfinite(result["val_loss"]) and result["val_loss"] < 10.5
     assert "final: val_loss:" in (tmp_path / "s89.txt").read_text()
+
+
+def test_lookup_tables_are_not_counted_as_matmul_flops(cfg, model):
+    """The bigram table and the untied input table are read by index: MFU must not count them as matmuls."""
+    with torch.device("meta"):
+        smaller = tg.GPT(tg.build_config("short_2026_07_17", bigram_vocab=1000, untie_embedding_frac=0.0).model)
+    assert tg.matmul_flops_per_token(model, 2048, 1408) == tg.matmul_flops_per_token(smaller, 2048, 1408)
