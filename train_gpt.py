@@ -394,6 +394,10 @@ class ModelConfig:
     softcap_offset: float = 0.0  # medium 2025-12-31: 5
     head_init_std: float = setting(0.005, check=NON_NEGATIVE)  # 0: zero-init head
     fp8_head: bool = True  # FP8 lm_head matmuls on CUDA in training (bf16 elsewhere)
+    # > 0: an auxiliary training loss (short #88: 0.25) on each target's longest proper byte prefix that is
+    # itself a GPT-2 token, weighted this much through batch stage 0, fading to 0 through stage 1, then off;
+    # the table comes from tiktoken's GPT-2 encoding. Validation is unchanged
+    prefix_token_weight: float = setting(0.0, check=NON_NEGATIVE)
     # FP8 MLP matmuls in CUDA training (short #89): the up projection with per-tensor scales from the current
     # input and weights (amax/448); the down projection with delayed scales: activations by the previous
     # training forward's amax x 1.80/448 (1 at the start), weights by the previous step's amax x 1.12/448
@@ -872,6 +876,8 @@ def check_config(cfg: Config) -> None:
     if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
         fail("untie_embedding_frac", "the untied embedding takes the head's Adam state: --labels lm_head and "
                                      "untied_embed must both use adam")
+    if model.prefix_token_weight > 0 and model.vocab_size != 50257:
+        fail("prefix_token_weight", f"the prefix table is GPT-2's: needs --vocab-size 50257, not {model.vocab_size}")
     if model.fp8_mlp and model.mlp_proj_layout != "transposed":
         fail("fp8_mlp", "needs --mlp-proj-layout transposed")
     if model.value_embed_gate and model.value_path != "scaled":
@@ -2061,6 +2067,8 @@ class GPT(nn.Module):
             bias[0, 11] = cfg.bigram_lambda_init / 0.1
             bias[1, 1] = -cfg.backout_init / 0.1
             self.mudd_b2 = labelled(bias.to(dtype), "mudd_b2")
+        if cfg.prefix_token_weight > 0:  # not saved: rebuilt from the tokenizer
+            self.register_buffer("prefix_tokens", gpt2_prefix_tokens(vocab), persistent=False)
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, device or "cpu",
                                                            cfg.window_granularity)
         if device is not None:
@@ -2229,22 +2237,30 @@ class GPT(nn.Module):
         return logits.to(x.dtype) if training and not cfg.fp32_train_logits else logits
 
     def forward(self, tokens, targets, cu_seqlens, max_seqlen: int, windows: tuple[int, int],
-                loss_piece: int = 0, target_weights: torch.Tensor | None = None) -> torch.Tensor:
+                loss_piece: int = 0, target_weights: torch.Tensor | None = None,
+                prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the micro-batch's tokens. With loss_piece > 0 the
         head and loss run over pieces of that many tokens, so a long validation chunk never holds
-        all its (T x vocab) logits at once. target_weights (K,): multi-token prediction, below."""
+        all its (T x vocab) logits at once. target_weights (K,): multi-token prediction; prefix_weight
+        (scalar): the prefix-token loss; both below."""
         x = self.hidden_states(tokens, cu_seqlens, max_seqlen, windows)
         T = x.size(0)
         piece = loss_piece if 0 < loss_piece < T else T
-        if target_weights is None:
+        if target_weights is None and prefix_weight is None:
             return sum(F.cross_entropy(self.head(x[i:i + piece]), targets[i:i + piece], reduction="sum")
                        for i in range(0, T, piece))
         # Multi-token prediction: position t also predicts the target k positions after its own,
         # in packed order across documents as the record, with weight target_weights[k]; the last k
         # positions have no target at offset k. One head and one set of logits serve every k.
+        if target_weights is None:
+            target_weights = x.new_ones(1, dtype=torch.float32)
         later = torch.arange(T, device=x.device)[:, None] + torch.arange(target_weights.numel(), device=x.device)
         weights = torch.where(later < T, target_weights, 0.0)
         wanted = targets[later.clamp_max(T - 1)]
+        if prefix_weight is not None:  # the target's longest proper prefix token, where it has one (short #88)
+            prefix = self.prefix_tokens[targets.long()]
+            wanted = torch.cat([wanted, prefix.clamp_min(0)[:, None]], dim=1)
+            weights = torch.cat([weights, torch.where(prefix >= 0, prefix_weight, 0.0)[:, None]], dim=1)
         total = x.new_zeros((), dtype=torch.float32)
         for i in range(0, T, piece):
             logits = self.head(x[i:i + piece]).float()
@@ -2254,6 +2270,28 @@ class GPT(nn.Module):
 
 
 MUDD_COEFFS = 14  # the last layer's per-token coefficients (the post-loop mix uses the first 5)
+
+
+def gpt2_prefix_tokens(vocab: int) -> torch.Tensor:
+    """(vocab,) int64: for each GPT-2 token, the token whose bytes are its longest proper prefix among the
+    ordinary tokens (-1: none, as for single bytes, special tokens and padding rows)."""
+    try:
+        import tiktoken
+        encoding = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no package, or no cached BPE files and no network
+        raise ConfigError(f"--prefix-token-weight: the GPT-2 tokenizer is not available ({type(e).__name__}: "
+                          f"{e}); install tiktoken and run once with network, or set TIKTOKEN_CACHE_DIR") from None
+    special = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
+    ordinary = [i for i in range(encoding.n_vocab) if i not in special]
+    token_of = {encoding.decode_single_token_bytes(i): i for i in ordinary}
+    table = torch.full((vocab,), -1, dtype=torch.long)
+    for i in ordinary:
+        text = encoding.decode_single_token_bytes(i)
+        for end in range(len(text) - 1, 0, -1):
+            if text[:end] in token_of:
+                table[i] = token_of[text[:end]]
+                break
+    return table
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
@@ -3238,15 +3276,18 @@ class StepPlan:
     stage_changed: bool = False  # the batch/window stage changed at this step: pause the scalar Adam
     untie_embedding: bool = False  # the first step with an untied input embedding: copy the head and its Adam state
     target_weights: tuple | None = None  # multi-token prediction weights of targets t+1, t+2, ... (None: plain)
+    prefix_weight: float | None = None  # weight of the prefix-token loss (None: none)
     max_seq_len: int | None = None  # this stage's longest training sequence (the compiled model's max_seqlen)
 
 
 class Schedule:
     def __init__(self, cfg: ScheduleConfig, window_block: int, untie_step: int | None = None,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, prefix_token_weight: float = 0.0):
         """untie_step: the first step trained with an untied input embedding (None: never); max_seq_len:
-        the data's, the longest sequence of a step whose stage sets none."""
+        the data's, the longest sequence of a step whose stage sets none; prefix_token_weight: the
+        prefix-token loss's starting weight (0: none)."""
         self.cfg, self.window_block, self.untie_step = cfg, window_block, untie_step
+        self.prefix_token_weight = prefix_token_weight
         self.default_max_seq_len = max_seq_len
         self.total_steps = cfg.num_iterations + cfg.extension_iterations
 
@@ -3261,7 +3302,8 @@ class Schedule:
             last_tied = math.ceil(cfg.model.untie_embedding_frac * cfg.schedule.num_iterations)
             last_tied += (every - 1 - last_tied) % every
             untie_step = last_tied + 1
-        return cls(cfg.schedule, cfg.model.window_block, untie_step, cfg.data.max_seq_len)
+        return cls(cfg.schedule, cfg.model.window_block, untie_step, cfg.data.max_seq_len,
+                   cfg.model.prefix_token_weight)
 
     def stage_index(self, step: int) -> int:
         """0 .. num_stages-1 during the scheduled steps, num_stages in the extension."""
@@ -3362,6 +3404,13 @@ class Schedule:
             return (1.0, 0.5 * (2 - y))
         return None
 
+    def prefix_weight(self, step: int) -> float | None:
+        """The prefix-token loss weight: w through stage 0, w (2 - y) through stage 1 (y as above), then None."""
+        if self.prefix_token_weight <= 0:
+            return None
+        y = len(self.cfg.batch_tokens_stages) * step / self.cfg.num_iterations
+        return self.prefix_token_weight * min(1.0, 2 - y) if y < 2 else None
+
     def at(self, step: int) -> StepPlan:
         long_window = self.long_window(step)
         previous = self.long_window(step - 1) if step > 0 else long_window
@@ -3372,6 +3421,7 @@ class Schedule:
                         window_grew_from=previous if grew else None,
                         stage_changed=step > 0 and self.stage_index(step) != self.stage_index(step - 1),
                         untie_embedding=step == self.untie_step, target_weights=self.target_weights(step),
+                        prefix_weight=self.prefix_weight(step),
                         max_seq_len=self.max_seq_len(step))
 
     def untied_at(self, step: int) -> bool:
@@ -3379,11 +3429,11 @@ class Schedule:
 
     def shape_steps(self) -> list[int]:
         """The first step of every distinct compiled shape the run trains with: batch size, window, whether
-        the embedding is untied, and how many targets each position predicts."""
+        the embedding is untied, how many targets each position predicts, and whether a prefix loss is on."""
         first = {}
         for step in range(self.total_steps):
             shape = (self.batch_tokens(step), self.long_window(step), self.untied_at(step),
-                     len(self.target_weights(step) or ()), self.max_seq_len(step))
+                     len(self.target_weights(step) or ()), self.max_seq_len(step), self.prefix_weight(step) is None)
             first.setdefault(shape, step)
         return list(first.values())
 
@@ -3639,8 +3689,10 @@ def make_val_batches(cfg: Config, rank: int, world_size: int, device) -> list[Mi
 
 
 def micro_batch_loss(model, mb: MicroBatch, windows: tuple[int, int], max_seqlen: int,
-                     loss_piece: int = 0, target_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed loss of one micro-batch (target_weights: multi-token prediction, GPT.forward).
+                     loss_piece: int = 0, target_weights: torch.Tensor | None = None,
+                     prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss of one micro-batch (target_weights: multi-token prediction; prefix_weight: the
+    prefix-token loss; GPT.forward).
 
     max_seqlen must be a constant of the run (max_seq_len in training, the chunk length in
     validation): a compiled model guards on it, so a per-batch value would recompile. The number
@@ -3649,7 +3701,7 @@ def micro_batch_loss(model, mb: MicroBatch, windows: tuple[int, int], max_seqlen
     if mb.max_seqlen > max_seqlen:
         raise ValueError(f"a sequence of {mb.max_seqlen} tokens exceeds max_seqlen {max_seqlen}")
     torch._dynamo.maybe_mark_dynamic(mb.cu_seqlens, 0)
-    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, windows, loss_piece, target_weights)
+    return model(mb.inputs, mb.targets, mb.cu_seqlens, max_seqlen, windows, loss_piece, target_weights, prefix_weight)
 
 
 @torch.no_grad()
@@ -3676,9 +3728,10 @@ def train_step(model, optimizers: OptimizerSet, micro_batches: list[MicroBatch],
     loss_sum = torch.zeros((), device=device)
     # A tensor, so that the compiled model does not recompile as the weights change from step to step.
     weights = None if plan.target_weights is None else torch.tensor(plan.target_weights, device=device)
+    prefix_weight = None if plan.prefix_weight is None else torch.tensor(plan.prefix_weight, device=device)
     for i, mb in enumerate(micro_batches):
         optimizers.prepare_backward(plan.step, last_micro_step=i == len(micro_batches) - 1)
-        loss = micro_batch_loss(model, mb, plan.windows, max_seqlen, target_weights=weights)
+        loss = micro_batch_loss(model, mb, plan.windows, max_seqlen, target_weights=weights, prefix_weight=prefix_weight)
         # Dividing by the micro-step count while the optimisers average over ranks makes the
         # gradient the same for every world size (the global mean under "mean": slices are equal).
         tokens = mb.targets.numel() if reduction == "mean" else 1
@@ -3721,7 +3774,8 @@ def warm_up(model, raw_model, optimizers, loader, schedule: Schedule, cfg: Confi
             untie_embedding(raw_model, optimizers)
         for _ in range(per_shape):
             plan = dataclasses.replace(schedule.at(step), batch_tokens=shape.batch_tokens, windows=shape.windows,
-                                       target_weights=shape.target_weights, max_seq_len=shape.max_seq_len)
+                                       target_weights=shape.target_weights, max_seq_len=shape.max_seq_len,
+                                       prefix_weight=shape.prefix_weight)
             train_step(model, optimizers, loader.next_step(plan.batch_tokens, plan.max_seq_len), plan,
                        plan.max_seq_len, cfg.loop.train_loss_reduction)
             step += 1

@@ -589,3 +589,46 @@ def test_fp8_mlp_trains_and_refreshes_its_scales_after_every_optimiser_step(tmp_
     assert math.isfinite(result["val_loss"]) and result["val_loss"] < 10.6  # from ln(50304) = 10.83
     steps = tg.Schedule.of(cfg).total_steps
     assert refreshed == [0] * 4 + [s for s in range(steps) for _ in range(4)]  # 4 layers: at init, then each step
+
+
+# --- prefix-token auxiliary loss (short #88) ---------------------------------------------------------------
+
+
+def test_gpt2_prefix_table_names_each_tokens_longest_proper_prefix_token():
+    import tiktoken
+    encoding = tiktoken.get_encoding("gpt2")
+    table = tg.gpt2_prefix_tokens(50304)
+    vocabulary = {encoding.decode_single_token_bytes(i): i for i in range(50256)}
+    for token in list(range(0, 50256, 97)) + [encoding.encode_single_token(" the")]:
+        text = encoding.decode_single_token_bytes(token)
+        prefixes = [vocabulary[text[:n]] for n in range(1, len(text)) if text[:n] in vocabulary]
+        assert int(table[token]) == (prefixes[-1] if prefixes else -1), text
+    assert encoding.decode([int(table[encoding.encode_single_token(" the")])]) == " th"
+    assert (table[50256:] == -1).all() and table[encoding.encode_single_token("a")] == -1  # one byte: no prefix
+
+
+def test_prefix_token_loss_adds_the_weighted_prefix_cross_entropy():
+    cfg = tg.build_config("test", compute_dtype="float32", prefix_token_weight=0.25, head_init_std=0.05).model
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    tokens = torch.randint(0, 50256, (40,), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 50256, (40,), generator=torch.Generator().manual_seed(2))
+    targets[:3] = torch.tensor([0, 50256, 262])  # a single byte and the end-of-text token have no prefix
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    with torch.no_grad():
+        plain = model(tokens, targets, cu, 23, (128, 64))
+        with_prefix = model(tokens, targets, cu, 23, (128, 64), prefix_weight=torch.tensor(0.3))
+        logits = model.logits(tokens, cu, 23, (128, 64)).double()
+    prefix = model.prefix_tokens[targets]
+    assert prefix[0] == -1 and prefix[1] == -1 and prefix[2] >= 0
+    extra = sum(float(logits[t].logsumexp(-1) - logits[t, prefix[t]]) for t in range(40) if prefix[t] >= 0)
+    assert float(with_prefix - plain) == pytest.approx(0.3 * extra, rel=1e-4)
+
+
+def test_prefix_token_weight_schedule_and_vocabulary_check():
+    schedule = tg.Schedule.of(tg.build_config("short", prefix_token_weight=0.25, num_iterations=1365))
+    w = schedule.prefix_weight
+    assert w(0) == w(454) == 0.25 and w(455) == pytest.approx(0.25) and w(682) == pytest.approx(0.25 * (1 - 227 / 455))
+    assert w(910) is None and w(1374) is None and tg.Schedule.of(tg.build_config("short")).prefix_weight(0) is None
+    with pytest.raises(tg.ConfigError, match="--prefix-token-weight 0.25: the prefix table is GPT-2's"):
+        tg.config_from_args(["--preset", "test", "--prefix-token-weight", "0.25", "--vocab-size", "1000"])
