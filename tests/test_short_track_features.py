@@ -141,10 +141,10 @@ def test_max_seq_len_follows_the_batch_stages(tmp_path, monkeypatch):
     seen = []
     loss = tg.micro_batch_loss
 
-    def recording(model, mb, windows, max_seqlen, loss_piece=0, target_weights=None):
+    def recording(model, mb, windows, max_seqlen, *args, **kwargs):
         if torch.is_grad_enabled():
             seen.append((mb.max_seqlen, max_seqlen))
-        return loss(model, mb, windows, max_seqlen, loss_piece, target_weights)
+        return loss(model, mb, windows, max_seqlen, *args, **kwargs)
 
     monkeypatch.setattr(tg, "micro_batch_loss", recording)
     cfg = tg.config_from_args(["--preset", "test", "--log-dir", str(tmp_path), "--run-id", "seq",
