@@ -120,7 +120,7 @@ LABEL_OPTIMIZERS = ("adam", "scalar_adam", "muon")
 # Every parameter of the model carries one of these labels (section 3); a label table maps each to a rule.
 PARAMETER_LABELS = ("lm_head", "untied_embed", "embed", "value_embed", "smear_gate", "skip_gate", "x0_lambdas",
                     "xsa", "bigram_embed", "bigram_lambdas", "resid_lambdas", "post_lambdas", "mudd_w1", "mudd_w2",
-                    "mudd_b2", "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
+                    "mudd_b2", "dc_gate", "scalars", "attn", "attn_gate", "value_embed_gate", "mlp_fc", "mlp_proj")
 
 SHORT_TRACK_LABELS = {
     #               optimiser       lr    wd   Adam betas
@@ -139,6 +139,7 @@ SHORT_TRACK_LABELS = {
     "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
     "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
     "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),  # (not in the record; short #89's rule)
+    "dc_gate":     LabelRule("adam", 0.1, 1.0, (0.9, 0.99)),  # (not in the record; short #85's gate rule)
     "scalars":     LabelRule("scalar_adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),
@@ -163,6 +164,7 @@ MEDIUM_TRACK_LABELS = {  # Adam lr: head 1/320, embeddings 0.3 (= 96x), scalars 
     "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
     "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
     "mudd_b2":     LabelRule("adam", 0.25, 1.0, (0.8, 0.95)),  # (not in the record)
+    "dc_gate":     LabelRule("adam", 0.1, 1.0, (0.8, 0.95)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 4.8, 1.0, (0.8, 0.95)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon"),  # (not in the record)
@@ -189,6 +191,7 @@ MEDIUM_2025_12_31_LABELS = {
     "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record)
     "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),  # (not in the record)
     "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),  # (not in the record)
+    "dc_gate":     LabelRule("adam", 0.1, 1.0, (0.9, 0.99)),  # (not in the record)
     "scalars":     LabelRule("scalar_adam", 10.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("muon", 0.1),
@@ -215,6 +218,7 @@ SHORT_2026_07_17_LABELS = {
     "mudd_w1":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),
     "mudd_w2":     LabelRule("adam", 0.25, 1.0, (0.9, 0.99)),
     "mudd_b2":     LabelRule("adam", 0.25, 0.0, (0.9, 0.99)),
+    "dc_gate":     LabelRule("adam", 0.1, 1.0, (0.9, 0.99)),  # (not in the record: #85's gate rule)
     "scalars":     LabelRule("adam", 5.0, 0.0, (0.9, 0.99)),
     "attn":        LabelRule("muon"),
     "attn_gate":   LabelRule("adam", 1.0, 1.0, (0.9, 0.99)),
@@ -349,6 +353,13 @@ class ModelConfig:
     mudd_sources: tuple = setting((), parse=lambda text, current: parse_ints("mudd_sources", text),
                                   show=lambda v: ",".join(map(str, v)), help="two layers a,b (short #89: 7,3)")
     mudd_hidden: int = setting(64, check=POSITIVE)
+    # per layer: D = dynamically composable attention correction (short #85 used it on layer 10; '.' = none, ''
+    # = none): after attention, head h adds w2_h * sum_s A(t, s) v_h(s), where A mixes every head's softmax
+    # map over the last dc_attention_window tokens with weights w1 = rms_norm over heads of (1 + gate); w1's
+    # gate and w2 are linear maps of the attention input's first gate_dims dims, zero-init (no change at the
+    # start). #85 drew w1, w2 from its MUDD gate stack instead (not built)
+    dc_attention_pattern: str = setting("", check=(lambda v: not set(v) - set("D."), "use D or '.' per layer"))
+    dc_attention_window: int = setting(112, check=POSITIVE)
     # per layer: P = paired-head attention (short #89: layers 0, 2, 5, 9), '.' = plain; '' = none. A paired
     # layer attends over a sequence twice as long: token t's heads 2j and 2j+1 become query/key head j at
     # positions 2t and 2t+1; values are the (T, heads) layout read as (2T, heads/2); same window number
@@ -861,6 +872,13 @@ def check_config(cfg: Config) -> None:
         if model.backout_layer >= 0 or any(to == layers - 1 for to, _ in model.skip_connections):
             fail("mudd_sources", "replaces the backout and takes the last layer's input as it is: --backout-layer -1 "
                                  "and no skip connection into the last layer")
+    if model.dc_attention_pattern:
+        if len(model.dc_attention_pattern) != layers:
+            fail("dc_attention_pattern", f"needs one character per layer ({layers} layers), or '' for none")
+        for layer, dc in enumerate(model.dc_attention_pattern):
+            paired = model.paired_head_pattern[layer] == "P" if model.paired_head_pattern else False
+            if dc == "D" and (model.window_pattern[layer] == "N" or paired):
+                fail("dc_attention_pattern", f"layer {layer}: needs plain (not paired) attention")
     if model.paired_head_pattern:
         if len(model.paired_head_pattern) != layers:
             fail("paired_head_pattern", f"needs one character per layer ({layers} layers), or '' for none")
@@ -1779,7 +1797,7 @@ class LayerInputs:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window_kind: str, shift_keys: bool, dtype: torch.dtype,
-                 has_value_embed: bool = False, xsa: bool = False, paired: bool = False):
+                 has_value_embed: bool = False, xsa: bool = False, paired: bool = False, dc: bool = False):
         super().__init__()
         self.paired = paired
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -1810,6 +1828,9 @@ class Attention(nn.Module):
             self.value_gate = labelled(torch.zeros(cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "value_embed_gate")
             self.value_gate.normalise_columns = (False,)
         self.xsa_alpha = labelled(torch.zeros(cfg.num_heads), "xsa") if xsa else None  # per head, fp32
+        self.dc_gate, self.dc_window = None, cfg.dc_attention_window
+        if dc:  # rows: the heads' w1 gates, then their w2 weights
+            self.dc_gate = labelled(torch.zeros(2 * cfg.num_heads, cfg.gate_dims, dtype=gate_dtype), "dc_gate")
         self.window_kind, self.shift_keys = window_kind, shift_keys
         self.window_block = cfg.window_block if cfg.window_granularity == "block" else 0
         self.mask_document_starts = cfg.mask_document_starts
@@ -1859,6 +1880,10 @@ class Attention(nn.Module):
                                                 1.0, self.window_block, attend.masks[window]).reshape_as(v)
         else:
             y = ATTENTION_BACKENDS[ctx.backend](q, k, v, ctx.segments, window, 1.0, self.window_block, ctx.masks[window])
+        if self.dc_gate is not None:
+            gates = F.linear(x[:, :self.gate_dims], self.dc_gate.type_as(x)).float()
+            mix = F.rms_norm(1 + gates[:, :self.heads], (self.heads,), eps=1e-6)
+            y = y + dc_attention_correction(q, k, v, ctx.segments, mix, gates[:, self.heads:], self.dc_window).type_as(y)
         if self.xsa_alpha is not None:
             y = exclude_own_value(y, v, self.xsa_alpha)
         if self.output_gate is not None:
@@ -1873,6 +1898,32 @@ class Attention(nn.Module):
             return torch.cat([matrix_in(self.qk, dtype, self.truncate).flatten(0, 1), vo[0]]), vo[1]
         w = matrix_in(self.qkvo, dtype, self.truncate)
         return w[:3].flatten(0, 1), w[3]
+
+
+def dc_attention_correction(q, k, v, segments: Segments, mix: torch.Tensor, weight: torch.Tensor, window: int,
+                            block: int = 128) -> torch.Tensor:
+    """Dynamically composable attention (short #85's post-composition): with P_h(t, s) each head's softmax of
+    q_h(t) . k_h(s) over the keys 0 <= t - s < window of t's own sequence, A(t, s) = sum_h mix_h(t) P_h(t, s)
+    and the correction of head h is weight_h(t) sum_s A(t, s) v_h(s). q (already scaled), k, v: (T, heads, dim);
+    mix, weight: (T, heads). Banded: each block of `block` queries sees its block + window - 1 keys."""
+    T, heads, dim = q.shape
+    blocks = -(-T // block)
+    span = block + window - 1
+    key_index = (torch.arange(blocks, device=q.device)[:, None] * block - (window - 1)
+                 + torch.arange(span, device=q.device))  # (blocks, span)
+    query_index = torch.arange(blocks * block, device=q.device).view(blocks, block)
+    safe_key = key_index.clamp(0, T - 1)
+    pad = blocks * block - T
+    q_blocks = F.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(blocks, block, heads, dim)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q_blocks, k.float()[safe_key])
+    seq_id = F.pad(segments.seq_id, (0, pad), value=-1)
+    back = query_index[:, :, None] - key_index[:, None, :]
+    allowed = ((back >= 0) & (back < window) & (key_index[:, None, :] >= 0)
+               & (seq_id[query_index][:, :, None] == segments.seq_id[safe_key][:, None, :]))
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num()
+    composed = torch.einsum("bhqk,bqh->bqk", probs, F.pad(mix, (0, 0, 0, pad)).view(blocks, block, heads))
+    mixed = torch.einsum("bqk,bkhd->bqhd", composed, v.float()[safe_key]).reshape(blocks * block, heads, dim)[:T]
+    return weight[..., None] * mixed
 
 
 def exclude_own_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -1930,8 +1981,9 @@ class Block(nn.Module):
         self.value_embed_index = None if table == "." else int(table)
         xsa = cfg.xsa_pattern[layer] == "X" if cfg.xsa_pattern else False
         paired = cfg.paired_head_pattern[layer] == "P" if cfg.paired_head_pattern else False
+        dc = cfg.dc_attention_pattern[layer] == "D" if cfg.dc_attention_pattern else False
         self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None, xsa,
-                               paired) if kind != "N" else None)
+                               paired, dc) if kind != "N" else None)
         self.mlp = MLP(cfg)
 
     def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None, attention_input=None,

@@ -632,3 +632,48 @@ def test_prefix_token_weight_schedule_and_vocabulary_check():
     assert w(910) is None and w(1374) is None and tg.Schedule.of(tg.build_config("short")).prefix_weight(0) is None
     with pytest.raises(tg.ConfigError, match="--prefix-token-weight 0.25: the prefix table is GPT-2's"):
         tg.config_from_args(["--preset", "test", "--prefix-token-weight", "0.25", "--vocab-size", "1000"])
+
+
+# --- dynamically composable attention correction (short #85) -------------------------------------------------
+
+
+@pytest.mark.parametrize("window, block", [(5, 4), (112, 128), (3, 16)])
+def test_dc_attention_correction_against_dense_masked_maps(window, block):
+    """Every head's softmax map over keys 0 <= t - s < window of t's sequence, mixed across heads by mix(t),
+    applied to each head's values and weighted per head: written with full (T x T) maps."""
+    g = torch.Generator().manual_seed(0)
+    T, H, D = 37, 3, 8
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    mix, weight = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    cu = torch.tensor([0, 11, 30, 37], dtype=torch.int32)
+    segments = tg.make_segments(cu, 19, T)
+    got = tg.dc_attention_correction(q, k, v, segments, mix, weight, window, block)
+    back = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    same = segments.seq_id[:, None] == segments.seq_id[None, :]
+    allowed = (back >= 0) & (back < window) & same
+    probs = torch.einsum("thd,shd->hts", q, k).masked_fill(~allowed, float("-inf")).softmax(-1)
+    expected = torch.zeros(T, H, D)
+    for t in range(T):
+        composed = sum(mix[t, j] * probs[j, t] for j in range(H))  # (T,) over keys
+        for h in range(H):
+            expected[t, h] = weight[t, h] * (composed[:, None] * v[:, h]).sum(0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dc_attention_layer_starts_unchanged_and_learns_its_gate():
+    base = dict(compute_dtype="float32", head_init_std=0.05, attn_out_zero_init=False)
+    torch.manual_seed(0)
+    plain = tg.GPT(tg.build_config("test", **base).model)
+    torch.manual_seed(0)
+    model = tg.GPT(tg.build_config("test", dc_attention_pattern="...D", **base).model)
+    assert model.blocks[3].attn.dc_gate.shape == (4, 12) and model.blocks[3].attn.dc_gate.label == "dc_gate"
+    tokens = torch.randint(0, 50000, (40,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    torch.testing.assert_close(model.logits(tokens, cu, 23, (128, 64)), plain.logits(tokens, cu, 23, (128, 64)))
+    model(tokens, tokens, cu, 23, (128, 64)).backward()
+    assert model.blocks[3].attn.dc_gate.grad[2:].abs().max() > 0  # the w2 rows learn from the start
+
+
+def test_dc_attention_pattern_is_checked():
+    with pytest.raises(tg.ConfigError, match="layer 2: needs plain"):
+        tg.config_from_args(["--preset", "test", "--dc-attention-pattern", "..D."])
