@@ -331,7 +331,8 @@ class ModelConfig:
     attn_out_zero_init: bool = True  # False: O initialised like Q, K, V (short #89)
     # > 0: Q and K held as matrices of this many heads each (short #89: 2, one 256 x 768 matrix per head pair),
     # so Muon orthogonalises them per head group; V and O stay whole. 0: Q, K, V, O four whole matrices
-    qk_group_heads: int = setting(0, check=NON_NEGATIVE)
+    qk_group_heads: int = setting(0, check=NON_NEGATIVE, help="Q and K as one matrix per this many heads, for "
+                                                               "Muon (short #89: 2; 0: whole)")
     # > 0: a hashed bigram embedding (short #89: 754,560 x 192, zero-init) times a fixed random sign row
     # (bigram_sign_rows rows), added to the first bigram_dim residual dims with a learned per-layer weight
     # (init bigram_lambda_init): into x0 before layer 0, and after each later attention sublayer
@@ -358,12 +359,14 @@ class ModelConfig:
     # map over the last dc_attention_window tokens with weights w1 = rms_norm over heads of (1 + gate); w1's
     # gate and w2 are linear maps of the attention input's first gate_dims dims, zero-init (no change at the
     # start). #85 drew w1, w2 from its MUDD gate stack instead (not built)
-    dc_attention_pattern: str = setting("", check=(lambda v: not set(v) - set("D."), "use D or '.' per layer"))
+    dc_attention_pattern: str = setting("", check=(lambda v: not set(v) - set("D."), "use D or '.' per layer"),
+                                        help="per layer D (dynamically composable attention correction) or '.'")
     dc_attention_window: int = setting(112, check=POSITIVE)
     # per layer: P = paired-head attention (short #89: layers 0, 2, 5, 9), '.' = plain; '' = none. A paired
     # layer attends over a sequence twice as long: token t's heads 2j and 2j+1 become query/key head j at
     # positions 2t and 2t+1; values are the (T, heads) layout read as (2T, heads/2); same window number
-    paired_head_pattern: str = setting("", check=(lambda v: not set(v) - set("P."), "use P (paired) or '.' per layer"))
+    paired_head_pattern: str = setting("", check=(lambda v: not set(v) - set("P."), "use P (paired) or '.' per layer"),
+                                       help="per layer P (paired-head attention) or '.' (short #89: P.P..P...P.)")
     # Variant: no smear and no key shift across a document start (the records let both reach the previous document).
     mask_document_starts: bool = False
     fp32_gates: bool = False  # variant: attention and smear gate weights in fp32 (the record holds them in bf16)
@@ -381,10 +384,12 @@ class ModelConfig:
     # records up to 2025-12); sublayer (short #89): x <- r_a*x + p_a*attention + x0 mix, then
     # x <- r_m*x + p_m*MLP, r per sublayer (init sqrt(resid_lambda_init)) and p (init 1) learned; a layer
     # without attention gets no attention scale and no x0
-    residual_form: str = setting("block", choices=("block", "sublayer"))
+    residual_form: str = setting("block", choices=("block", "sublayer"),
+                                 help="sublayer: learned residual and output scales per sublayer (short #89)")
     # >= 0: every later attention layer attends over (and gates from) the normed output of this layer
     # instead of its own input (short #89: 7)
-    attention_source_layer: int = setting(-1, check=(lambda v: v >= -1, "must be -1 (off) or a layer index"))
+    attention_source_layer: int = setting(-1, check=(lambda v: v >= -1, "must be -1 (off) or a layer index"),
+                                          help="later layers attend over this layer's normed output (short #89: 7)")
     sa_lambda_init: tuple = setting((0.5, 1.0), check=exactly(2))  # QKV and O scales (value_path normed: v and ve)
     # scaled: QKV and O scaled by sa lambdas, v + ve (short record); normed: v RMS-normed per head,
     # then sa0*v + sa1*ve (sa0*v without a value embedding), no output scale (medium record)
@@ -408,12 +413,13 @@ class ModelConfig:
     # > 0: an auxiliary training loss (short #88: 0.25) on each target's longest proper byte prefix that is
     # itself a GPT-2 token, weighted this much through batch stage 0, fading to 0 through stage 1, then off;
     # the table comes from tiktoken's GPT-2 encoding. Validation is unchanged
-    prefix_token_weight: float = setting(0.0, check=NON_NEGATIVE)
+    prefix_token_weight: float = setting(0.0, check=NON_NEGATIVE, help="auxiliary loss on each target's longest "
+                                                                     "prefix token (short #88: 0.25)")
     # FP8 MLP matmuls in CUDA training (short #89): the up projection with per-tensor scales from the current
     # input and weights (amax/448); the down projection with delayed scales: activations by the previous
     # training forward's amax x 1.80/448 (1 at the start), weights by the previous step's amax x 1.12/448
     # (the current amax/448 over the first 16 steps). The backward is bf16 from the unquantised tensors.
-    fp8_mlp: bool = False
+    fp8_mlp: bool = setting(False, help="FP8 MLP with delayed scaling in CUDA training (short #89)")
     fp8_head_in_validation: bool = False  # variant: FP8 for validation logits too (the record: a plain bf16 matmul)
     fp32_train_logits: bool = False  # variant: fp32 training logits (the records round them to bf16 after the softcap)
     fp32_head: bool = False  # lm_head an fp32 parameter cast to bf16 only in the matmul (medium record)
@@ -764,6 +770,10 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             table = isinstance(default, dict)  # the label table: too long to print, and set by the preset
             shown = "the preset's table" if table else (f.metadata.get("show") or repr)(default)
             extra = f.metadata.get("help", "")
+            choices = f.metadata.get("choices") or ()
+            choices = choices() if callable(choices) else choices
+            if choices:
+                extra = f"one of {', '.join(map(str, choices))}" + (f"; {extra}" if extra else "")
             flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
             section.add_argument(*flags, dest=f.name, default=None,
                                  metavar="LABEL.KEY=VALUE,..." if table else type(default).__name__.upper(),
