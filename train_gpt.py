@@ -819,6 +819,11 @@ def flat_config(cfg: Config) -> dict:
     return {name: value for group in CONFIG_GROUPS for name, value in dataclasses.asdict(getattr(cfg, group)).items()}
 
 
+def layer_marked(pattern: str, layer: int, mark: str) -> bool:
+    """Whether an optional per-layer pattern ('' = none) marks this layer."""
+    return bool(pattern) and pattern[layer] == mark
+
+
 def check_config(cfg: Config) -> None:
     """Every check that does not depend on the world size, once, as a one-line ConfigError."""
     def fail(name: str, message: str):
@@ -868,8 +873,9 @@ def check_config(cfg: Config) -> None:
         fail("bigram_dim", f"exceeds --model-dim {model.model_dim}")
     if model.bigram_vocab == 1:
         fail("bigram_vocab", "needs at least 2 rows (the last is reserved for a sequence's first token)")
-    if model.xsa_pattern and len(model.xsa_pattern) != layers:
-        fail("xsa_pattern", f"needs one character per layer ({layers} layers), or '' for none")
+    for name in ("xsa_pattern", "paired_head_pattern", "dc_attention_pattern"):  # optional per-layer patterns
+        if getattr(model, name) and len(getattr(model, name)) != layers:
+            fail(name, f"needs one character per layer ({layers} layers), or '' for none")
     if any(x == "X" and w == "N" for x, w in zip(model.xsa_pattern, model.window_pattern)):
         fail("xsa_pattern", "XSA on a layer without attention (N in --window-pattern)")
     if model.mudd_sources:
@@ -882,23 +888,15 @@ def check_config(cfg: Config) -> None:
         if model.backout_layer >= 0 or any(to == layers - 1 for to, _ in model.skip_connections):
             fail("mudd_sources", "replaces the backout and takes the last layer's input as it is: --backout-layer -1 "
                                  "and no skip connection into the last layer")
-    if model.dc_attention_pattern:
-        if len(model.dc_attention_pattern) != layers:
-            fail("dc_attention_pattern", f"needs one character per layer ({layers} layers), or '' for none")
-        for layer, dc in enumerate(model.dc_attention_pattern):
-            paired = model.paired_head_pattern[layer] == "P" if model.paired_head_pattern else False
-            if dc == "D" and (model.window_pattern[layer] == "N" or paired):
-                fail("dc_attention_pattern", f"layer {layer}: needs plain (not paired) attention")
-    if model.paired_head_pattern:
-        if len(model.paired_head_pattern) != layers:
-            fail("paired_head_pattern", f"needs one character per layer ({layers} layers), or '' for none")
-        if model.num_heads % 2:
-            fail("paired_head_pattern", f"pairs heads: --num-heads {model.num_heads} is odd")
-        for layer, (paired, window) in enumerate(zip(model.paired_head_pattern, model.window_pattern)):
-            xsa = model.xsa_pattern[layer] == "X" if model.xsa_pattern else False
-            if paired == "P" and (window == "N" or xsa or (window == "L" and model.key_shift)):
-                fail("paired_head_pattern", f"layer {layer}: a paired layer needs attention, without XSA or "
-                                            "the key shift (a short window, or --key-shift false)")
+    if "P" in model.paired_head_pattern and model.num_heads % 2:
+        fail("paired_head_pattern", f"pairs heads: --num-heads {model.num_heads} is odd")
+    for layer, window in enumerate(model.window_pattern):
+        paired = layer_marked(model.paired_head_pattern, layer, "P")
+        if layer_marked(model.dc_attention_pattern, layer, "D") and (window == "N" or paired):
+            fail("dc_attention_pattern", f"layer {layer}: needs plain (not paired) attention")
+        if paired and (window == "N" or layer_marked(model.xsa_pattern, layer, "X") or (window == "L" and model.key_shift)):
+            fail("paired_head_pattern", f"layer {layer}: a paired layer needs attention, without XSA or "
+                                        "the key shift (a short window, or --key-shift false)")
     if model.untie_embedding_frac > 0 and not model.tie_embedding:
         fail("untie_embedding_frac", "needs a tied embedding (--tie-embedding true)")
     if model.untie_embedding_frac > 0 and {optim.labels[k].optimizer for k in ("lm_head", "untied_embed")} != {"adam"}:
@@ -1817,7 +1815,10 @@ class Attention(nn.Module):
         qkvo = torch.empty(4, inner, dim)
         bound = math.sqrt(3) * cfg.qkv_init_gain / math.sqrt(dim)
         nn.init.uniform_(qkvo[:3], -bound, bound)
-        nn.init.zeros_(qkvo[3]) if cfg.attn_out_zero_init else nn.init.uniform_(qkvo[3], -bound, bound)
+        if cfg.attn_out_zero_init:
+            nn.init.zeros_(qkvo[3])
+        else:
+            nn.init.uniform_(qkvo[3], -bound, bound)
         # NorMuon normalises per output unit of the records' (out x in) matrices: rows of Q, K, V,
         # columns of the O stored here transposed; Q and K in head groups (wide) per input column (short #89).
         self.qk_grouped = cfg.qk_group_heads > 0
@@ -1989,11 +1990,10 @@ class Block(nn.Module):
         super().__init__()
         kind, table = cfg.window_pattern[layer], cfg.value_embed_pattern[layer]
         self.value_embed_index = None if table == "." else int(table)
-        xsa = cfg.xsa_pattern[layer] == "X" if cfg.xsa_pattern else False
-        paired = cfg.paired_head_pattern[layer] == "P" if cfg.paired_head_pattern else False
-        dc = cfg.dc_attention_pattern[layer] == "D" if cfg.dc_attention_pattern else False
-        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None, xsa,
-                               paired, dc) if kind != "N" else None)
+        marks = (layer_marked(cfg.xsa_pattern, layer, "X"), layer_marked(cfg.paired_head_pattern, layer, "P"),
+                 layer_marked(cfg.dc_attention_pattern, layer, "D"))
+        self.attn = (Attention(cfg, kind, cfg.key_shift and kind == "L", dtype, self.value_embed_index is not None,
+                               *marks) if kind != "N" else None)
         self.mlp = MLP(cfg)
 
     def forward(self, x, ctx: LayerInputs, qkv_scale, out_scale, after_attention=None, attention_input=None,
@@ -2182,8 +2182,8 @@ class GPT(nn.Module):
         by_kind = {"L": long_window, "S": short_window}
         block = cfg.window_block if cfg.window_granularity == "block" else 0
         make_mask = ATTENTION_MASKS[self.attention_backend]
-        kinds = {w for w, p in zip(cfg.window_pattern, cfg.paired_head_pattern or "." * cfg.num_layers)
-                 if w != "N" and (p == "P") == paired}
+        kinds = {w for layer, w in enumerate(cfg.window_pattern)
+                 if w != "N" and layer_marked(cfg.paired_head_pattern, layer, "P") == paired}
         masks = {by_kind[kind]: make_mask(segments, by_kind[kind], block) for kind in kinds}
         doubled = None
         if not paired and "P" in cfg.paired_head_pattern:
